@@ -1,0 +1,65 @@
+"""Torch implementations of the paged KV-cache operations.
+
+The paged cache of one layer is viewed as ``(num_blocks, block_size, num_kv_heads, head_dim)``;
+it may be a strided view into a larger block-major tensor (see runtime.kv_cache), so these
+functions index it and never reshape it in place.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # (num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,
+    k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+    v: torch.Tensor,
+    slot_block: torch.Tensor,  # (num_tokens,) int64
+    slot_offset: torch.Tensor,  # (num_tokens,) int64
+) -> None:
+    k_cache[slot_block, slot_offset] = k
+    v_cache[slot_block, slot_offset] = v
+
+
+def gather_kv(
+    cache: torch.Tensor,  # (num_blocks, block_size, num_kv_heads, head_dim)
+    block_table: torch.Tensor,  # (..., max_blocks) int64
+) -> torch.Tensor:
+    """The cache rows of each table, contiguous: (..., max_blocks * block_size, kv_heads, head_dim)."""
+    g = cache[block_table]  # (..., max_blocks, block_size, kv_heads, head_dim)
+    return g.flatten(-4, -3)
+
+
+def decode_attention(
+    q: torch.Tensor,  # (batch, num_heads, head_dim): one query per sequence, at its last position
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # (batch, max_blocks) int64
+    mask: torch.Tensor | None,  # (batch, 1, 1, max_blocks * block_size) bool, True = attend; None = all
+) -> torch.Tensor:  # (batch, num_heads, head_dim)
+    k = gather_kv(k_cache, block_table).transpose(1, 2)  # (batch, kv_heads, ctx, head_dim)
+    v = gather_kv(v_cache, block_table).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # (query_len, num_heads, head_dim): the last query_len positions of the context
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,  # (num_blocks_of_seq,) int64
+    context_len: int,  # cached prefix + query_len
+) -> torch.Tensor:  # (query_len, num_heads, head_dim)
+    query_len = q.shape[0]
+    k = gather_kv(k_cache, block_ids)[:context_len].transpose(0, 1)  # (kv_heads, ctx, head_dim)
+    v = gather_kv(v_cache, block_ids)[:context_len].transpose(0, 1)
+    qt = q.transpose(0, 1)  # (heads, query_len, head_dim)
+    if context_len == query_len:
+        out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, enable_gqa=True)
+    else:
+        # Query i sits at absolute position context_len - query_len + i and sees keys up to it.
+        qpos = torch.arange(context_len - query_len, context_len, device=q.device)
+        mask = torch.arange(context_len, device=q.device)[None, :] <= qpos[:, None]
+        out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1)

@@ -1,0 +1,142 @@
+"""Per-request block tables over the block pool, with prefix matching and block caching.
+
+The manager is keyed by request id and sees requests only as token lists: it never imports the
+runtime. For each request it holds the block table (logical block i -> physical block) and the
+chain of hashes of the request's full blocks, which survives preemption (the tokens do not change)
+and is dropped by `forget`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from kvstore.block_pool import Block, BlockPool
+from kvstore.hashing import BlockHasher
+
+
+@dataclass(slots=True)
+class _Entry:
+    blocks: list[Block] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0  # blocks[:num_cached_blocks] are registered in the prefix index
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found cached
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._entries: dict[str, _Entry] = {}
+        self.stats = PrefixStats()
+
+    def _entry(self, request_id: str) -> _Entry:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            entry = self._entries[request_id] = _Entry()
+        return entry
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_prefix(
+        self, request_id: str, token_ids: Sequence[int], hasher: BlockHasher
+    ) -> tuple[list[Block], int]:
+        """The longest run of cached blocks that starts the sequence, and the tokens it covers.
+
+        The last token is never covered: its logits are needed, so it is always recomputed.
+        Takes no references; pass the blocks to `allocate`.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        entry = self._entry(request_id)
+        hasher.extend(entry.hashes, token_ids)
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits: list[Block] = []
+        for h in entry.hashes[:max_blocks]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries += len(token_ids)
+        self.stats.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate(
+        self, request_id: str, num_tokens: int, prefix: Sequence[Block] = ()
+    ) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens, first adopting `prefix` blocks.
+
+        All or nothing: returns False and changes nothing when the pool cannot supply the blocks.
+        """
+        entry = self._entry(request_id)
+        assert not prefix or not entry.blocks, "a prefix is adopted only by an empty table"
+        need = self.num_blocks_for(num_tokens) - len(entry.blocks) - len(prefix)
+        revived = sum(1 for b in prefix if b.ref_cnt == 0)  # they leave the free queue
+        if max(need, 0) + revived > self.pool.num_free:
+            return False
+        if prefix:
+            self.pool.touch(prefix)
+            entry.blocks.extend(prefix)
+            entry.num_cached_blocks = len(prefix)
+        if need > 0:
+            entry.blocks.extend(self.pool.allocate(need))
+        return True
+
+    def cache_blocks(
+        self, request_id: str, token_ids: Sequence[int], num_computed: int, hasher: BlockHasher
+    ) -> None:
+        """Register every block whose tokens are all computed in the prefix index."""
+        if not self.enable_prefix_caching:
+            return
+        entry = self._entries[request_id]
+        num_full = num_computed // self.block_size
+        if num_full <= entry.num_cached_blocks:
+            return
+        hasher.extend(entry.hashes, token_ids[: num_full * self.block_size])
+        for i in range(entry.num_cached_blocks, num_full):
+            block = entry.blocks[i]
+            if block.block_hash is None:
+                self.pool.cache(block, entry.hashes[i])
+        entry.num_cached_blocks = num_full
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._entries[request_id].blocks]
+
+    def num_allocated_blocks(self, request_id: str) -> int:
+        entry = self._entries.get(request_id)
+        return len(entry.blocks) if entry else 0
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks, tail first; keeps its hash chain (see `forget`)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return
+        self.pool.release(reversed(entry.blocks))
+        entry.blocks = []
+        entry.num_cached_blocks = 0
+
+    def forget(self, request_id: str) -> None:
+        """Free the request's blocks and drop everything the manager knows of it."""
+        self.free(request_id)
+        self._entries.pop(request_id, None)
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        refs: dict[int, int] = {}
+        for rid, entry in self._entries.items():
+            assert len(set(map(id, entry.blocks))) == len(entry.blocks), f"{rid}: block twice"
+            for b in entry.blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+            for i in range(entry.num_cached_blocks):
+                h = entry.blocks[i].block_hash
+                assert h is None or h == entry.hashes[i], f"{rid}: block {i} cached under another hash"
+        for block in self.pool.blocks:
+            assert block.ref_cnt == refs.get(block.block_id, 0), (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt} but {refs.get(block.block_id, 0)} tables hold it"
+            )

@@ -1,0 +1,109 @@
+"""The attention backend seam.
+
+The runner lays a step's tokens out flat, decodes first, each sequence contiguous, and describes
+them as `SeqSlice`s. A backend turns those into its own metadata once per step, then, per layer,
+writes the new K/V into the paged cache and attends.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels import torch_ref
+from runtime.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSlice:
+    query_start: int  # index of the sequence's first new token in the flat batch
+    query_len: int  # new tokens this step
+    context_len: int  # tokens in the cache after this step (cached prefix + new)
+    block_ids: list[int]  # the sequence's block table, covering context_len tokens
+
+
+class AttentionBackend(ABC):
+    """Contract: `build_metadata` is called once per step with slices ordered decodes first
+    (query_len == 1) and returns an opaque object; `forward` is called once per layer with it,
+    writes the step's K/V into that layer's cache at the slices' positions (mutating the cache and
+    nothing else) and returns the attention output (num_tokens, num_heads, head_dim) in q's dtype.
+    Raises nothing on valid input; shapes are checked by the caller's invariants."""
+
+    @abstractmethod
+    def build_metadata(self, slices: list[SeqSlice], block_size: int, device: torch.device) -> Any: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+        k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        v: torch.Tensor,
+        kv_cache: PagedKVCache,
+        meta: Any,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(slots=True)
+class TorchMetadata:
+    slot_block: torch.Tensor  # (num_tokens,) int64
+    slot_offset: torch.Tensor  # (num_tokens,) int64
+    num_decodes: int
+    decode_table: torch.Tensor | None  # (num_decodes, max_blocks) int64
+    decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_blocks * block_size) bool
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (query_start, query_len, context_len, block_ids)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Gathers each sequence's K/V from the paged cache and runs SDPA: decodes as one padded
+    batch, prefill chunks one sequence at a time. Runs on CPU and, slowly, on CUDA."""
+
+    def build_metadata(self, slices: list[SeqSlice], block_size: int, device: torch.device) -> TorchMetadata:
+        blocks: list[int] = []
+        offsets: list[int] = []
+        for s in slices:
+            for pos in range(s.context_len - s.query_len, s.context_len):
+                blocks.append(s.block_ids[pos // block_size])
+                offsets.append(pos % block_size)
+        decodes = [s for s in slices if s.query_len == 1]
+        assert all(s.query_len == 1 for s in slices[: len(decodes)]), "decodes come first"
+        decode_table = decode_mask = None
+        if decodes:
+            width = max(-(-s.context_len // block_size) for s in decodes)
+            table = [s.block_ids[:width] + [0] * (width - min(width, len(s.block_ids))) for s in decodes]
+            decode_table = torch.tensor(table, dtype=torch.int64, device=device)
+            ctx = torch.tensor([s.context_len for s in decodes], device=device)
+            if bool((ctx != width * block_size).any()):
+                # Padding rows and the unfilled tail of the last block must not be attended.
+                mask = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
+                decode_mask = mask[:, None, None, :]
+        prefills = [
+            (s.query_start, s.query_len, s.context_len,
+             torch.tensor(s.block_ids, dtype=torch.int64, device=device))
+            for s in slices[len(decodes):]
+        ]
+        return TorchMetadata(
+            slot_block=torch.tensor(blocks, dtype=torch.int64, device=device),
+            slot_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
+            num_decodes=len(decodes),
+            decode_table=decode_table,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+
+    def forward(self, layer, q, k, v, kv_cache, meta: TorchMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache.layer(layer)
+        torch_ref.write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
+        if not meta.prefills:
+            return torch_ref.decode_attention(q, k_cache, v_cache, meta.decode_table, meta.decode_mask)
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            out[:n] = torch_ref.decode_attention(q[:n], k_cache, v_cache, meta.decode_table, meta.decode_mask)
+        for start, qlen, ctx, block_ids in meta.prefills:
+            out[start : start + qlen] = torch_ref.prefill_attention(
+                q[start : start + qlen], k_cache, v_cache, block_ids, ctx
+            )
+        return out

@@ -1,0 +1,171 @@
+"""Ember's configuration: a frozen dataclass tree, validated once at start-up.
+
+Environment variables are read here and nowhere else (`EngineConfig.from_env`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model code needs, derived from a Hugging Face config."""
+
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_model_len: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    mlp_bias: bool
+    eos_token_ids: tuple[int, ...]
+    config_hash: str
+    # The Hugging Face config object, kept for RoPE initialisation (its scaling variants).
+    hf_config: Any = field(compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        archs = getattr(hf, "architectures", None) or []
+        model_type = getattr(hf, "model_type", "")
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
+            arch = model_type
+        if arch is None:
+            raise ValueError(
+                f"unsupported model architecture {archs or model_type!r}; "
+                f"Ember serves {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {hf.hidden_act!r}; Ember supports 'silu'")
+        rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"RoPE type {rope_type!r} depends on the sequence length; not supported")
+        if arch == "mistral" and getattr(hf, "sliding_window", None):
+            if hf.sliding_window < hf.max_position_embeddings:
+                raise ValueError("sliding-window attention is not supported")
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        eos = getattr(hf, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        cfg_dict = {k: v for k, v in hf.to_dict().items() if k not in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+        config_hash = xxhash.xxh3_128_hexdigest(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
+        return cls(
+            architecture=arch,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_model_len=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            eos_token_ids=eos_ids,
+            config_hash=config_hash,
+            hf_config=hf,
+        )
+
+    @property
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        lm_head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_layers * per_layer + h + lm_head
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Either an explicit block count or a memory budget for the KV cache.
+    num_blocks: int | None = None
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
+    max_num_batched_tokens: int = 2048
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m"
+    load_format: str = "auto"  # "auto" | "dummy"
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    seed: int = 0
+    max_model_len: int | None = None  # defaults to the model's
+    cache_dir: Path = Path.home() / ".cache" / "ember"
+    # Secret behind the tenants' block-hash salts; a fresh one per process unless given.
+    kv_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def validate(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        self.cache.validate()
+        self.scheduler.validate()
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> EngineConfig:
+        """The defaults, then EMBER_* environment variables, then explicit overrides."""
+        env: dict[str, Any] = {}
+        if "EMBER_CACHE_DIR" in os.environ:
+            env["cache_dir"] = Path(os.environ["EMBER_CACHE_DIR"])
+        if "EMBER_KV_SECRET" in os.environ:
+            env["kv_secret"] = os.environ["EMBER_KV_SECRET"].encode()
+        cfg = replace(cls(), **{**env, **overrides})
+        cfg.validate()
+        return cfg
+
+    @property
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"

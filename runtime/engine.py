@@ -1,0 +1,141 @@
+"""The engine: owns the model, KV cache, scheduler and runner; one `step()` is one forward pass.
+
+    step():  schedule()  ->  runner.execute()  ->  update_from_output()
+
+Requests are validated on entry, so a bad one is refused with a ValueError naming the problem and
+never reaches the batch that other requests are running in.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Sequence
+
+import torch
+
+from kvstore.cache_manager import KVCacheManager
+from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
+from runtime.attention import TorchAttentionBackend
+from runtime.config import EngineConfig
+from runtime.kv_cache import PagedKVCache
+from runtime.model_runner import ModelRunner
+from runtime.models.loader import load_model
+from runtime.outputs import OutputProcessor, RequestOutput
+from runtime.request import Request, RequestStatus
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import Scheduler
+
+log = logging.getLogger("ember.engine")
+
+Prompt = str | Sequence[int]
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        loaded = load_model(cfg)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.max_model_len = min(cfg.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+        self.device = torch.device(cfg.device)
+        dtype = next(loaded.model.parameters()).dtype
+        bs = cfg.cache.block_size
+        num_blocks = cfg.cache.num_blocks or PagedKVCache.blocks_for_budget(loaded.config, bs, dtype, cfg.cache.kv_cache_gib)
+        self.kv_cache = PagedKVCache(loaded.config, num_blocks, bs, dtype, self.device)
+        self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching)
+        self.fingerprint = model_fingerprint(
+            loaded.config.architecture, loaded.config.config_hash, loaded.weights_id, str(dtype).removeprefix("torch."), bs
+        )
+        self.scheduler = Scheduler(cfg.scheduler, self.kv_manager, loaded.config.eos_token_ids)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, TorchAttentionBackend(), self.device)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._hashers: dict[str, BlockHasher] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def hasher(self, tenant: str) -> BlockHasher:
+        h = self._hashers.get(tenant)
+        if h is None:
+            salt = tenant_salt(self.cfg.kv_secret, tenant)
+            h = self._hashers[tenant] = BlockHasher.create(self.fingerprint, salt, self.cfg.cache.block_size)
+        return h
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids, not text")
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but the model's context is {self.max_model_len} "
+                "(at least one position must be left to generate)"
+            )
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {t} at position {i} is outside the vocabulary [0, {vocab})")
+        total = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        need = self.kv_manager.num_blocks_for(total)
+        if need > self.kv_manager.pool.num_blocks:
+            raise ValueError(
+                f"the request needs up to {total} tokens ({need} blocks) but the KV cache holds "
+                f"{self.kv_manager.pool.num_blocks} blocks; lower max_tokens or enlarge the cache"
+            )
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, tenant: str = "default"
+    ) -> Request:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        token_ids = self.tokenize(prompt)
+        self.validate_prompt(token_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(
+            request_id=rid,
+            token_ids=token_ids,
+            num_prompt_tokens=len(token_ids),
+            params=params,
+            hasher=self.hasher(tenant),
+            max_total_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len),
+        )
+        self.scheduler.add_request(req)
+        self.outputs.add(req)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; returns its final output, or None if it had already finished."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        return self.outputs.process(req)[0]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        updates = self.scheduler.update_from_output(sched, result)
+        outs = []
+        for u in updates:
+            out, stop = self.outputs.process(u.request)
+            if stop is not None:
+                self.scheduler.finish_request(u.request.request_id, RequestStatus.FINISHED_STOPPED, stop)
+            outs.append(out)
+        return outs
+
+    def check_integrity(self) -> None:
+        self.kv_manager.check_integrity()

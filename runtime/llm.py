@@ -1,0 +1,84 @@
+"""The offline API, as vLLM users know it: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any, Sequence
+
+from runtime.config import CacheConfig, EngineConfig, SchedulerConfig
+from runtime.engine import LLMEngine, Prompt
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+def build_config(model: str, **kwargs: Any) -> EngineConfig:
+    """An EngineConfig from flat keyword arguments (`block_size=`, `max_num_seqs=`, ...)."""
+    groups = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+    nested: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    top: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        for g, cls in groups.items():
+            if key in {f.name for f in fields(cls)}:
+                nested[g][key] = value
+                break
+        else:
+            top[key] = value
+    base = EngineConfig.from_env(model=model, **top)
+    return replace(
+        base,
+        cache=replace(base.cache, **nested["cache"]),
+        scheduler=replace(base.scheduler, **nested["scheduler"]),
+    )
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
+        self.engine = LLMEngine(build_config(model, **kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion in one continuous batch; outputs in prompt order.
+
+        A prompt is a string or a list of token ids. All prompts are validated before any runs.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        tokenized = [self.engine.tokenize(p) for p in prompts]
+        for ids, p in zip(tokenized, plist):
+            self.engine.validate_prompt(ids, p)
+        ids = [self.engine.add_request(t, p).request_id for t, p in zip(tokenized, plist)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template (with a generation prompt) and generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            list(self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False))
+            for c in convs  # type: ignore[union-attr]
+        ]
+        return self.generate(prompts, sampling_params)

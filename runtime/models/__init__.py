@@ -1,0 +1,1 @@
+"""Model code (Llama family, written for a paged KV cache) and loaders."""

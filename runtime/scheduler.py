@@ -1,0 +1,185 @@
+"""The scheduler: decides, each step, which tokens of which requests run.
+
+`schedule()` returns a plain `SchedulerOutput`; the runner executes it; `update_from_output()`
+applies the sampled tokens. The scheduler never touches a tensor.
+
+Policy (one step):
+1. Running requests, oldest first, each get their next chunk: one token for a decode, up to the
+   remaining budget for an unfinished prefill. When the pool cannot hold a chunk, the newest running
+   request is preempted (its blocks freed, its tokens kept; it recomputes later, re-hitting whatever
+   is still cached) until the chunk fits or the request itself was the one preempted.
+2. If nothing was preempted, waiting requests are admitted in order while budget, sequence slots
+   and blocks last, each after a longest-prefix match against the cache; a prompt longer than the
+   budget is chunked across steps.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvstore.cache_manager import KVCacheManager
+from runtime.config import SchedulerConfig
+from runtime.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # first token of the chunk (== num_computed_tokens when scheduled)
+    num_tokens: int
+    block_ids: list[int]  # the request's block table, covering start + num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes (one token) first
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sampled: dict[str, int]  # request id -> token, for chunks that sample
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    logits: dict[str, object] = field(default_factory=dict)  # request id -> (vocab_size,) tensor
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    request: Request
+    new_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_computed_prompt_tokens: int = 0  # prompt tokens run through the model (not from cache)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...]) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    # ---- intake --------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        assert req.request_id not in self.requests
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """End a request from outside the token loop (abort, stop string). Unknown ids are ignored:
+        the request may have finished in the same step."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        req.stop_reason = stop_reason
+        self.kv.forget(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.chunks.append(self._chunk(req, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        if not out.preempted:
+            self._admit(out, budget)
+        out.chunks.sort(key=lambda c: c.num_tokens != 1)
+        self.stats.num_steps += bool(out.chunks)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            prefix, num_cached = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate(req.request_id, num_cached + n, prefix):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(self._chunk(req, n))
+            budget -= n
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            self.stats.num_computed_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
+        return ScheduledChunk(req, req.num_computed_tokens, n, self.kv.block_ids(req.request_id))
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.stats.num_preemptions += 1
+
+    def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestUpdate]:
+        updates: list[RequestUpdate] = []
+        for chunk in out.chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_blocks(req.request_id, req.token_ids, req.num_computed_tokens, req.hasher)
+            if not chunk.samples:
+                continue
+            tok = result.sampled[req.request_id]
+            req.token_ids.append(tok)
+            if req.request_id in result.logprobs:
+                req.logprobs.append(result.logprobs[req.request_id])
+            if req.request_id in result.logits:
+                req.logits.append(result.logits[req.request_id])
+            self._check_stop(req, tok)
+            updates.append(RequestUpdate(req, [tok]))
+        return updates
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        p = req.params
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            self._finish(req, RequestStatus.FINISHED_STOPPED, None)
+        elif tok in p.stop_token_ids:
+            self._finish(req, RequestStatus.FINISHED_STOPPED, tok)
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= req.max_total_tokens:
+            self._finish(req, RequestStatus.FINISHED_LENGTH, None)
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        self.finish_request(req.request_id, status, stop_reason)
