@@ -1,0 +1,181 @@
+"""Engine behaviour: batching really batches, prefix hits really skip work, bad input is refused
+with a clear error while other requests keep running, sampling settings do what they say."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path) -> LLM:
+    return LLM(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="module")
+def smol() -> LLM:
+    return LLM("smollm2-135m")
+
+
+def _rand_prompt(n: int, seed: int, vocab: int = 320) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def test_eight_concurrent_requests_share_forward_passes(smol: LLM) -> None:
+    before = smol.engine.runner.num_forward_passes
+    prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
+    outs = smol.chat(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert all(len(o.token_ids) == 32 for o in outs)
+    passes = smol.engine.runner.num_forward_passes - before
+    assert passes <= 40, f"{passes} forward passes for 8 x 32 tokens: requests were not batched"
+    smol.engine.check_integrity()
+
+
+def test_shared_prefix_computes_only_the_suffix(tiny: LLM) -> None:
+    prefix = _rand_prompt(1000, seed=1)
+    first = prefix + _rand_prompt(20, seed=2)
+    second = prefix + _rand_prompt(37, seed=3)
+    stats = tiny.engine.scheduler.stats
+    tiny.generate([first], SamplingParams(max_tokens=4, temperature=0))
+    before = stats.num_computed_prompt_tokens
+    (out,) = tiny.generate([second], SamplingParams(max_tokens=4, temperature=0))
+    computed = stats.num_computed_prompt_tokens - before
+    assert computed <= 37 + 16, f"computed {computed} prompt tokens for a 37-token suffix"
+    assert out.num_cached_tokens >= 1000 - 16
+    tiny.engine.check_integrity()
+
+
+def test_generated_tokens_are_cached_for_the_next_turn(tiny: LLM) -> None:
+    prompt = _rand_prompt(40, seed=4)
+    (first,) = tiny.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    turn2 = prompt + first.token_ids + _rand_prompt(5, seed=5)
+    (second,) = tiny.generate([turn2], SamplingParams(max_tokens=2, temperature=0))
+    # The first turn's prompt and its output (but the last, never-computed token) are reusable.
+    assert second.num_cached_tokens == (len(prompt) + len(first.token_ids) - 1) // 16 * 16
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(max_tokens=4), "prompt is empty"),
+        ([1] * 5000, SamplingParams(max_tokens=4), "context is 2048"),
+        ([1, 2, 999999], SamplingParams(max_tokens=4), "token id 999999 at position 2 is outside the vocabulary"),
+        ([1, -3], SamplingParams(max_tokens=4), "token id -3 at position 1"),
+    ],
+)
+def test_bad_input_is_refused_and_others_keep_running(tiny: LLM, prompt, params, message) -> None:
+    engine = tiny.engine
+    good = engine.add_request(_rand_prompt(10, seed=6), SamplingParams(max_tokens=8, temperature=0))
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    finished = []
+    while engine.has_unfinished:
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == [good.request_id]
+    assert len(finished[0].token_ids) == 8
+    engine.check_integrity()
+
+
+def test_bad_sampling_params_and_model_paths() -> None:
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="unknown model '/no/such/model'"):
+        LLM("/no/such/model")
+    with pytest.raises(ValueError, match="no such GGUF file"):
+        LLM("/no/such/model.gguf")
+
+
+def test_text_prompt_needs_a_tokenizer(tiny: LLM) -> None:
+    with pytest.raises(ValueError, match="no tokenizer"):
+        tiny.generate("hello")
+
+
+def test_request_that_cannot_fit_the_cache_is_refused(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), num_blocks=4)
+    with pytest.raises(ValueError, match="KV cache holds 4 blocks"):
+        llm.generate([_rand_prompt(60, seed=7)], SamplingParams(max_tokens=10))
+
+
+def test_generation_stops_at_the_context_limit(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), max_model_len=64)
+    (out,) = llm.generate([_rand_prompt(60, seed=8)], SamplingParams(max_tokens=50, ignore_eos=True))
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny: LLM) -> None:
+    p = _rand_prompt(12, seed=9)
+    runs = [tiny.generate([p], SamplingParams(max_tokens=16, temperature=1.0, seed=s))[0].token_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    # Batched with others, the seeded request draws the same tokens.
+    outs = tiny.generate([_rand_prompt(30, seed=10), p], [SamplingParams(max_tokens=16, temperature=1.0, seed=5),
+                                                          SamplingParams(max_tokens=16, temperature=1.0, seed=1)])
+    assert outs[1].token_ids == runs[0]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_head(tiny: LLM) -> None:
+    p = _rand_prompt(12, seed=11)
+    greedy = tiny.generate([p], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    topk1 = tiny.generate([p], SamplingParams(max_tokens=12, temperature=5.0, top_k=1, seed=3))[0].token_ids
+    tiny_p = tiny.generate([p], SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=3))[0].token_ids
+    assert greedy == topk1 == tiny_p
+
+
+def test_top_k_samples_only_among_the_k_best(tiny: LLM) -> None:
+    p = _rand_prompt(12, seed=12)
+    out = tiny.generate([p], SamplingParams(max_tokens=10, temperature=2.0, top_k=3, seed=4, output_logits=True))[0]
+    for tok, logits in zip(out.token_ids, out.logits):
+        assert tok in torch.topk(logits, 3).indices.tolist()
+
+
+def test_logprobs(tiny: LLM) -> None:
+    out = tiny.generate([_rand_prompt(12, seed=13)], SamplingParams(max_tokens=5, temperature=0, logprobs=3, output_logits=True))[0]
+    assert len(out.logprobs) == 5
+    for tok, lp, logits in zip(out.token_ids, out.logprobs, out.logits):
+        assert tok in lp and len(lp) == 3  # greedy: the sampled token is the top one
+        assert lp[tok] == pytest.approx(float(torch.log_softmax(logits, -1)[tok]), abs=1e-5)
+
+
+def test_stop_token_ids_and_max_tokens(tiny: LLM) -> None:
+    p = _rand_prompt(12, seed=14)
+    ref = tiny.generate([p], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 10
+    stop_at = ref.token_ids[4]
+    first = ref.token_ids.index(stop_at)
+    out = tiny.generate([p], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == ref.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_chat_stop_strings_and_eos(smol: LLM) -> None:
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    (full,) = smol.chat(conv, SamplingParams(max_tokens=32, temperature=0))
+    assert full.text == "The capital of France is Paris."
+    assert full.finish_reason == "stop" and full.stop_reason is None  # the model's end-of-turn token
+    (cut,) = smol.chat(conv, SamplingParams(max_tokens=32, temperature=0, stop=["France"]))
+    assert cut.text == "The capital of " and cut.stop_reason == "France" and cut.finish_reason == "stop"
+    (kept,) = smol.chat(conv, SamplingParams(max_tokens=32, temperature=0, stop=["France"], include_stop_str_in_output=True))
+    assert kept.text == "The capital of France"
+    smol.engine.check_integrity()
+
+
+def test_streamed_deltas_add_up_to_the_text(smol: LLM) -> None:
+    engine = smol.engine
+    prompt = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
+    ids = list(smol.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    req = engine.add_request(ids, SamplingParams(max_tokens=40, temperature=0))
+    deltas, final = [], None
+    while engine.has_unfinished:
+        for o in engine.step():
+            deltas.append(o.delta_text)
+            final = o
+    assert final is not None and final.request_id == req.request_id
+    assert "".join(deltas) == final.text == smol.tokenizer.decode(final.token_ids, skip_special_tokens=True)
