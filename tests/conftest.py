@@ -58,11 +58,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=300,
         max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1e6,
     ),
+    # Mistral without a sliding window (the window would be refused).
+    "mistral": dict(
+        model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=280, head_dim=16,
+        max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=None,
+    ),
 }
 
 
 # Seeds whose references keep every greedy decision clear of a near-tie (test_parity asserts it).
-TINY_SEEDS = {"llama": 0, "qwen2": 2}
+TINY_SEEDS = {"llama": 0, "qwen2": 2, "mistral": 1}
 
 
 def make_tiny(kind: str, path: Path, seed: int | None = None) -> Path:
@@ -77,11 +83,6 @@ def make_tiny(kind: str, path: Path, seed: int | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
-def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 
 
 @pytest.fixture(scope="session")

@@ -179,3 +179,46 @@ def test_streamed_deltas_add_up_to_the_text(smol: LLM) -> None:
             final = o
     assert final is not None and final.request_id == req.request_id
     assert "".join(deltas) == final.text == smol.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+
+
+def test_mistral_matches_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny
+    from tests.reference import MIN_MARGIN, assert_matches, reference
+
+    d = make_tiny("mistral", tmp_path / "mistral")
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype="float32").eval()
+    llm = LLM(str(d))
+    for n, seed in ((9, 20), (50, 21)):
+        ref = reference(hf, _rand_prompt(n, seed, vocab=280), 16)
+        assert ref.min_margin >= MIN_MARGIN
+        (out,) = llm.generate([ref.prompt], SamplingParams(max_tokens=16, temperature=0, output_logits=True))
+        assert_matches(out, ref, "mistral")
+
+
+def test_dummy_weights_from_a_config(tiny_llama_dir: Path) -> None:
+    config = str(tiny_llama_dir / "config.json")
+    a = LLM(config, load_format="dummy", seed=1)
+    b = LLM(config, load_format="dummy", seed=1)
+    c = LLM(config, load_format="dummy", seed=2)
+    p = [_rand_prompt(20, seed=22)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert a.generate(p, params)[0].token_ids == b.generate(p, params)[0].token_ids
+    assert a.engine.fingerprint == b.engine.fingerprint != c.engine.fingerprint
+    assert "dummy-seed-1" in a.engine.fingerprint
+
+
+def test_new_requests_join_the_running_batch(tiny: LLM) -> None:
+    engine = tiny.engine
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    first = engine.add_request(_rand_prompt(10, seed=23), params)
+    for _ in range(5):
+        engine.step()
+    before = engine.runner.num_forward_passes
+    second = engine.add_request(_rand_prompt(10, seed=24), params)
+    while engine.has_unfinished:
+        engine.step()
+    # The newcomer's prefill ran alongside the first request's decodes: no pass was spent on it alone.
+    assert engine.runner.num_forward_passes - before == 20
+    assert len(first.output_token_ids) == len(second.output_token_ids) == 20
