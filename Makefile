@@ -21,6 +21,7 @@ run: setup
 	$(BIN)/ember generate
 
 test: setup
+	$(BIN)/mypy --ignore-missing-imports runtime kvstore
 	$(BIN)/python -m pytest -q
 
 bench: setup

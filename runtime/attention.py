@@ -97,10 +97,12 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache, v_cache = kv_cache.layer(layer)
         torch_ref.write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
         if not meta.prefills:
+            assert meta.decode_table is not None
             return torch_ref.decode_attention(q, k_cache, v_cache, meta.decode_table, meta.decode_mask)
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n:
+            assert meta.decode_table is not None
             out[:n] = torch_ref.decode_attention(q[:n], k_cache, v_cache, meta.decode_table, meta.decode_mask)
         for start, qlen, ctx, block_ids in meta.prefills:
             out[start : start + qlen] = torch_ref.prefill_attention(

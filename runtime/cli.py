@@ -14,6 +14,9 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", file=sys.stderr)
     llm = LLM(args.model, max_model_len=args.max_model_len)
     engine = llm.engine
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer, so no chat template")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     history: list[dict[str, Any]] = []
     interactive = args.prompt is None
@@ -36,7 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             line = args.prompt
         history.append({"role": "user", "content": line})
-        prompt = list(engine.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False))
+        prompt = list(tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False))
         req = engine.add_request(prompt, params)
         print("ember> " if interactive else "", end="", flush=True)
         text = ""

@@ -49,23 +49,22 @@ class LLM:
 
         A prompt is a string or a list of token ids. All prompts are validated before any runs.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         params = sampling_params or SamplingParams()
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        tokenized = [self.engine.tokenize(p) for p in prompts]
-        for ids, p in zip(tokenized, plist):
-            self.engine.validate_prompt(ids, p)
-        ids = [self.engine.add_request(t, p).request_id for t, p in zip(tokenized, plist)]
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(plist) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(plist)} sampling params")
+        tokenized = [self.engine.tokenize(p) for p in batch]
+        for token_ids, p in zip(tokenized, plist):
+            self.engine.validate_prompt(token_ids, p)
+        rids = [self.engine.add_request(t, p).request_id for t, p in zip(tokenized, plist)]
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
+        while len(final) < len(rids):
             for out in self.engine.step():
                 if out.finished:
                     final[out.request_id] = out
-        return [final[i] for i in ids]
+        return [final[r] for r in rids]
 
     def chat(
         self,

@@ -48,8 +48,9 @@ class ModelRunner:
         result = self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
         out_ = RunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, result.token_ids)})
         for i, r in enumerate(reqs):
-            if result.logprobs[i] is not None:
-                out_.logprobs[r.request_id] = result.logprobs[i]
+            lp = result.logprobs[i]
+            if lp is not None:
+                out_.logprobs[r.request_id] = lp
             if r.params.output_logits:
                 out_.logits[r.request_id] = logits[i].cpu()
         return out_

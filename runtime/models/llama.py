@@ -35,6 +35,9 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, precomputed once (elementwise the same values a
     per-step computation gives)."""
 
+    cos: torch.Tensor  # (max_positions, head_dim) float32
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         hf = cfg.hf_config
