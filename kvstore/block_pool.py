@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +33,8 @@ class BlockPool:
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._index: dict[bytes, Block] = {}
         self.num_evictions = 0
+        # Called with a cached block just before its content is given up (demotion to a lower tier).
+        self.on_evict: Callable[[Block], None] | None = None
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -64,6 +66,8 @@ class BlockPool:
         for _ in range(n):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
+                if self.on_evict is not None:
+                    self.on_evict(block)
                 del self._index[block.block_hash]
                 block.block_hash = None
                 self.num_evictions += 1

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from kvstore.block_pool import Block, BlockPool
 from kvstore.hashing import BlockHasher
+from kvstore.mover import REDIS, TierMover
 
 
 @dataclass(slots=True)
@@ -22,16 +23,45 @@ class _Entry:
 
 
 @dataclass(slots=True)
+class PrefixMatch:
+    """The cached start of a sequence: blocks on the device, then blocks one or two tiers down."""
+
+    device: list[Block] = field(default_factory=list)
+    lower: list[tuple[bytes, str]] = field(default_factory=list)  # (hash, "host" | "redis")
+    block_size: int = 16
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.device) + len(self.lower)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def tokens_by_tier(self) -> dict[str, int]:
+        out = {"gpu": len(self.device) * self.block_size, "host": 0, "redis": 0}
+        for _, tier in self.lower:
+            out[tier] += self.block_size
+        return out
+
+
+@dataclass(slots=True)
 class PrefixStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found cached
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, mover: TierMover | None = None
+    ) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.mover = mover if enable_prefix_caching else None
+        if self.mover is not None:
+            mv = self.mover
+            self.pool.on_evict = lambda b: mv.demote(b.block_hash, b.block_id)  # type: ignore[arg-type]
         self._entries: dict[str, _Entry] = {}
         self.stats = PrefixStats()
 
@@ -44,38 +74,60 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_prefix(
-        self, request_id: str, token_ids: Sequence[int], hasher: BlockHasher
-    ) -> tuple[list[Block], int]:
-        """The longest run of cached blocks that starts the sequence, and the tokens it covers.
+    def find_prefix(self, request_id: str, token_ids: Sequence[int], hasher: BlockHasher) -> PrefixMatch:
+        """The longest cached start of the sequence: device blocks, then host or fetched blocks
+        where the cost model says loading beats recomputing.
 
         The last token is never covered: its logits are needed, so it is always recomputed.
-        Takes no references; pass the blocks to `allocate`.
+        Takes no references and moves nothing; pass the match to `allocate`.
         """
+        match = PrefixMatch(block_size=self.block_size)
         if not self.enable_prefix_caching:
-            return [], 0
+            return match
         entry = self._entry(request_id)
         hasher.extend(entry.hashes, token_ids)
         max_blocks = (len(token_ids) - 1) // self.block_size
-        hits: list[Block] = []
         for h in entry.hashes[:max_blocks]:
             block = self.pool.lookup(h)
             if block is None:
                 break
-            hits.append(block)
+            match.device.append(block)
+        if self.mover is not None:
+            lower = self.mover.lower_match(request_id, entry.hashes[len(match.device) : max_blocks])
+            # Keep the longest run whose every tier's share is worth loading.
+            for tier in ("host", REDIS):
+                n = sum(1 for _, t in lower if t == tier)
+                if n and not self.mover.cost.should_load(tier, n * self.block_size):
+                    lower = lower[: next(i for i, (_, t) in enumerate(lower) if t == tier)]
+            match.lower = lower
         self.stats.queries += len(token_ids)
-        self.stats.hits += len(hits) * self.block_size
-        return hits, len(hits) * self.block_size
+        self.stats.hits += match.num_tokens
+        return match
 
-    def allocate(
-        self, request_id: str, num_tokens: int, prefix: Sequence[Block] = ()
-    ) -> bool:
-        """Grow the request's table to hold `num_tokens` tokens, first adopting `prefix` blocks.
+    def plan_fetch(self, request_id: str, token_ids: Sequence[int], match: PrefixMatch) -> list[bytes]:
+        """Hashes past `match` worth asking Redis for (empty when there is no reachable Redis tier
+        or the cost model prefers recomputing them)."""
+        mv = self.mover
+        if mv is None or mv.redis is None or not mv.redis.available:
+            return []
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        rest = self._entries[request_id].hashes[match.num_blocks : max_blocks]
+        if not rest or not mv.cost.should_load(REDIS, len(rest) * self.block_size):
+            return []
+        return list(rest)
 
-        All or nothing: returns False and changes nothing when the pool cannot supply the blocks.
+    def allocate(self, request_id: str, num_tokens: int, match: PrefixMatch | None = None) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens, first adopting `match`.
+
+        Device blocks of the match are shared (ref counts up); its lower blocks are copied into new
+        device blocks and registered as cached. If a lower block vanished meanwhile, the match is
+        cut there (`match.lower` shrinks) and the rest is left to recompute. All or nothing:
+        returns False and changes nothing when the pool cannot supply the blocks.
         """
         entry = self._entry(request_id)
-        assert not prefix or not entry.blocks, "a prefix is adopted only by an empty table"
+        prefix = match.device if match else []
+        lower = match.lower if match else []
+        assert not (prefix or lower) or not entry.blocks, "a prefix is adopted only by an empty table"
         need = self.num_blocks_for(num_tokens) - len(entry.blocks) - len(prefix)
         revived = sum(1 for b in prefix if b.ref_cnt == 0)  # they leave the free queue
         if max(need, 0) + revived > self.pool.num_free:
@@ -84,8 +136,19 @@ class KVCacheManager:
             self.pool.touch(prefix)
             entry.blocks.extend(prefix)
             entry.num_cached_blocks = len(prefix)
+        if lower:
+            assert self.mover is not None
+            self.mover.protect(lower)
         if need > 0:
             entry.blocks.extend(self.pool.allocate(need))
+        if lower and match is not None:
+            assert self.mover is not None
+            targets = entry.blocks[len(prefix) : len(prefix) + len(lower)]
+            n = self.mover.load(request_id, lower, [b.block_id for b in targets])
+            for (h, _), block in zip(lower[:n], targets):
+                self.pool.cache(block, h)
+            match.lower = lower[:n]
+            entry.num_cached_blocks = len(prefix) + n
         return True
 
     def cache_blocks(
@@ -101,8 +164,8 @@ class KVCacheManager:
         hasher.extend(entry.hashes, token_ids[: num_full * self.block_size])
         for i in range(entry.num_cached_blocks, num_full):
             block = entry.blocks[i]
-            if block.block_hash is None:
-                self.pool.cache(block, entry.hashes[i])
+            if block.block_hash is None and self.pool.cache(block, entry.hashes[i]) and self.mover:
+                self.mover.block_cached(entry.hashes[i], block.block_id)
         entry.num_cached_blocks = num_full
 
     def block_ids(self, request_id: str) -> list[int]:
@@ -128,6 +191,8 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+        if self.mover is not None and self.mover.host is not None:
+            self.mover.host.check_integrity()
         refs: dict[int, int] = {}
         for rid, entry in self._entries.items():
             assert len(set(map(id, entry.blocks))) == len(entry.blocks), f"{rid}: block twice"

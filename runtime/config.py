@@ -116,6 +116,37 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """The KV tiers below the device pool."""
+
+    host_cache_gib: float = 2.0  # host RAM for demoted blocks; 0 turns the host tier off
+    redis_url: str | None = None  # redis://, rediss://, or redis+cluster://host:port
+    # "write_through" (a block goes to Redis as soon as it is full) or "write_back" (on eviction
+    # from the tier above). Defaults to write_through when Redis is configured.
+    write_policy: str | None = None
+    redis_ttl_s: int | None = None
+    redis_timeout_s: float = 5.0
+    redis_retry_interval_s: float = 1.0
+    load_timeout_s: float = 2.0  # a request waits this long for Redis, then recomputes
+    # Bandwidths in bytes/s for the cost model; measured at start-up when None.
+    host_bandwidth: float | None = None
+    redis_bandwidth: float | None = None
+    max_pending_write_mib: int = 256
+
+    def validate(self) -> None:
+        if self.host_cache_gib < 0:
+            raise ValueError(f"host_cache_gib must be >= 0, got {self.host_cache_gib}")
+        if self.write_policy not in (None, "write_through", "write_back"):
+            raise ValueError(f"write_policy must be 'write_through' or 'write_back', got {self.write_policy!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix:// or redis+cluster://, got {self.redis_url!r}")
+
+    @property
+    def write_through(self) -> bool:
+        return self.redis_url is not None and (self.write_policy or "write_through") == "write_through"
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
@@ -141,6 +172,7 @@ class EngineConfig:
     kv_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    tiers: TierConfig = TierConfig()
 
     def validate(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -151,6 +183,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         self.cache.validate()
         self.scheduler.validate()
+        self.tiers.validate()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> EngineConfig:
@@ -160,6 +193,8 @@ class EngineConfig:
             env["cache_dir"] = Path(os.environ["EMBER_CACHE_DIR"])
         if "EMBER_KV_SECRET" in os.environ:
             env["kv_secret"] = os.environ["EMBER_KV_SECRET"].encode()
+        if "EMBER_REDIS_URL" in os.environ:
+            env["tiers"] = TierConfig(redis_url=os.environ["EMBER_REDIS_URL"])
         cfg = replace(cls(), **{**env, **overrides})
         cfg.validate()
         return cfg

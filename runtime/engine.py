@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
 from runtime.attention import TorchAttentionBackend
 from runtime.config import EngineConfig
 from runtime.kv_cache import PagedKVCache
+from runtime.kv_tiers import build_tiers
 from runtime.model_runner import ModelRunner
 from runtime.models.loader import load_model
 from runtime.outputs import OutputProcessor, RequestOutput
@@ -44,12 +46,16 @@ class LLMEngine:
         bs = cfg.cache.block_size
         num_blocks = cfg.cache.num_blocks or PagedKVCache.blocks_for_budget(loaded.config, bs, dtype, cfg.cache.kv_cache_gib)
         self.kv_cache = PagedKVCache(loaded.config, num_blocks, bs, dtype, self.device)
-        self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching)
         self.fingerprint = model_fingerprint(
             loaded.config.architecture, loaded.config.config_hash, loaded.weights_id, str(dtype).removeprefix("torch."), bs
         )
-        self.scheduler = Scheduler(cfg.scheduler, self.kv_manager, loaded.config.eos_token_ids)
         self.runner = ModelRunner(loaded.model, self.kv_cache, TorchAttentionBackend(), self.device)
+        self.mover, self.kv_secret = build_tiers(
+            cfg, loaded.config, self.kv_cache, self.fingerprint,
+            lambda: self.runner.profile_prefill(min(256, self.max_model_len - 1)),
+        )
+        self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching, self.mover)
+        self.scheduler = Scheduler(cfg.scheduler, self.kv_manager, loaded.config.eos_token_ids, cfg.tiers.load_timeout_s)
         self.outputs = OutputProcessor(self.tokenizer)
         self._hashers: dict[str, BlockHasher] = {}
         self._ids = itertools.count()
@@ -58,7 +64,7 @@ class LLMEngine:
     def hasher(self, tenant: str) -> BlockHasher:
         h = self._hashers.get(tenant)
         if h is None:
-            salt = tenant_salt(self.cfg.kv_secret, tenant)
+            salt = tenant_salt(self.kv_secret, tenant)
             h = self._hashers[tenant] = BlockHasher.create(self.fingerprint, salt, self.cfg.cache.block_size)
         return h
 
@@ -127,7 +133,12 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        if self.mover is not None and sched.num_tokens >= 64:
+            self.mover.cost.observe_prefill(sched.num_tokens, time.perf_counter() - t0)
+        elif not sched.chunks and self.scheduler.loading and self.mover is not None:
+            self.mover.wait(0.002)  # only fetches are pending: do not spin
         updates = self.scheduler.update_from_output(sched, result)
         outs = []
         for u in updates:
@@ -139,3 +150,9 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.kv_manager.check_integrity()
+
+    def close(self) -> None:
+        """Stop the tier threads (pending Redis writes are flushed first)."""
+        if self.mover is not None:
+            self.mover.flush()
+            self.mover.close()

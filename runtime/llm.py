@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any, Sequence
 
-from runtime.config import CacheConfig, EngineConfig, SchedulerConfig
+from runtime.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
 from runtime.engine import LLMEngine, Prompt
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
@@ -14,7 +14,7 @@ Message = dict[str, Any]
 
 def build_config(model: str, **kwargs: Any) -> EngineConfig:
     """An EngineConfig from flat keyword arguments (`block_size=`, `max_num_seqs=`, ...)."""
-    groups = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+    groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "tiers": TierConfig}
     nested: dict[str, dict[str, Any]] = {g: {} for g in groups}
     top: dict[str, Any] = {}
     for key, value in kwargs.items():
@@ -29,12 +29,16 @@ def build_config(model: str, **kwargs: Any) -> EngineConfig:
         base,
         cache=replace(base.cache, **nested["cache"]),
         scheduler=replace(base.scheduler, **nested["scheduler"]),
+        tiers=replace(base.tiers, **nested["tiers"]),
     )
 
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
         self.engine = LLMEngine(build_config(model, **kwargs))
+
+    def close(self) -> None:
+        self.engine.close()
 
     @property
     def tokenizer(self) -> Any:

@@ -1,6 +1,8 @@
 """Executes a `SchedulerOutput`: builds the step's tensors, runs the model, samples."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from runtime.attention import AttentionBackend, SeqSlice
@@ -18,6 +20,24 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.num_forward_passes = 0
+
+    @torch.inference_mode()
+    def profile_prefill(self, num_tokens: int) -> float:
+        """Prefill tokens/s of one forward over `num_tokens` random tokens, written into the
+        first blocks of the cache (call before any request holds them)."""
+        bs = self.kv_cache.block_size
+        num_tokens = max(1, min(num_tokens, self.kv_cache.num_blocks * bs))
+        ids = torch.randint(0, self.model.cfg.vocab_size, (num_tokens,), device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        blocks = list(range(-(-num_tokens // bs)))
+        meta = self.backend.build_metadata([SeqSlice(0, num_tokens, num_tokens, blocks)], bs, self.device)
+        self.model(ids[:1], pos[:1], self.backend, self.kv_cache,
+                   self.backend.build_metadata([SeqSlice(0, 1, 1, blocks)], bs, self.device))  # warm-up
+        t0 = time.perf_counter()
+        self.model(ids, pos, self.backend, self.kv_cache, meta)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return num_tokens / (time.perf_counter() - t0)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

@@ -19,6 +19,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None  # the stop token id or stop string, when one ended it
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # Prompt tokens by source: {"gpu", "host", "redis", "recomputed"}, adding up to the prompt.
+    cache: dict[str, int] = field(default_factory=dict)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
 
@@ -95,6 +97,7 @@ class OutputProcessor:
             finish_reason="stop" if hit is not None else (req.status.value if req.status.finished else None),
             stop_reason=hit if hit is not None else req.stop_reason,
             num_cached_tokens=max(req.num_cached_tokens, 0),
+            cache=dict(req.cache_by_tier or {"gpu": 0, "host": 0, "redis": 0, "recomputed": req.num_prompt_tokens}),
             logprobs=req.logprobs,
             logits=req.logits,
         )

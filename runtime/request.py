@@ -12,6 +12,7 @@ from runtime.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # waiting for its prefix blocks to arrive from a lower tier
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -36,6 +37,9 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache, set at first schedule
     num_preemptions: int = 0
+    fetch_planned: bool = False  # the lower tiers were consulted (once per request)
+    load_deadline: float = 0.0  # monotonic time after which a pending fetch is abandoned
+    cache_by_tier: dict[str, int] | None = None  # prompt tokens per source, set at first schedule
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: Any = None  # torch.Generator for seeded sampling, made by the runner
     logprobs: list[dict[int, float]] = field(default_factory=list)

@@ -9,11 +9,15 @@ Policy (one step):
    request is preempted (its blocks freed, its tokens kept; it recomputes later, re-hitting whatever
    is still cached) until the chunk fits or the request itself was the one preempted.
 2. If nothing was preempted, waiting requests are admitted in order while budget, sequence slots
-   and blocks last, each after a longest-prefix match against the cache; a prompt longer than the
-   budget is chunked across steps.
+   and blocks last, each after a longest-prefix match that continues from the device through host
+   RAM; a prompt longer than the budget is chunked across steps.
+3. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
+   off the engine thread while the batch keeps running, and it returns to the head of the queue
+   when they arrive (or when `load_timeout_s` passes, to recompute instead).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -63,15 +67,22 @@ class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
     num_computed_prompt_tokens: int = 0  # prompt tokens run through the model (not from cache)
+    prompt_tokens_by_tier: dict[str, int] = field(
+        default_factory=lambda: {"gpu": 0, "host": 0, "redis": 0, "recomputed": 0}
+    )
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...], load_timeout_s: float = 2.0
+    ) -> None:
         self.cfg = cfg
         self.kv = kv
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.load_timeout_s = load_timeout_s
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
 
@@ -89,6 +100,10 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status == RequestStatus.LOADING:
+            del self.loading[request_id]
+            if self.kv.mover is not None:
+                self.kv.mover.cancel(request_id)
         else:
             self.waiting.remove(req)
         req.status = status
@@ -101,6 +116,8 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.loading:
+            self._collect_loads()
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         i = 0
@@ -125,17 +142,48 @@ class Scheduler:
         self.stats.num_steps += bool(out.chunks)
         return out
 
+    def _collect_loads(self) -> None:
+        assert self.kv.mover is not None
+        back = [self.loading.pop(rid) for rid in self.kv.mover.poll() if rid in self.loading]
+        now = time.monotonic()
+        for req in [r for r in self.loading.values() if r.load_deadline <= now]:
+            del self.loading[req.request_id]
+            self.kv.mover.cancel(req.request_id, timed_out=True)
+            back.append(req)
+        # They arrived before anything still waiting: back to the head, in arrival order.
+        for req in sorted(back, key=lambda r: r.arrival_time, reverse=True):
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            prefix, num_cached = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
-            n = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate(req.request_id, num_cached + n, prefix):
+            match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
+            if not req.fetch_planned:
+                req.fetch_planned = True
+                fetch = self.kv.plan_fetch(req.request_id, req.token_ids, match)
+                if fetch:
+                    assert self.kv.mover is not None
+                    self.kv.mover.start_fetch(req.request_id, fetch)
+                    self.waiting.popleft()
+                    req.status = RequestStatus.LOADING
+                    req.load_deadline = time.monotonic() + self.load_timeout_s
+                    self.loading[req.request_id] = req
+                    continue
+            n = min(req.num_tokens - match.num_tokens, budget)
+            if not self.kv.allocate(req.request_id, match.num_tokens + n, match):
                 break
             self.waiting.popleft()
+            num_cached = match.num_tokens  # after allocate: a lower block that vanished is recomputed
+            n = min(req.num_tokens - num_cached, budget)
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
+                by_tier = match.tokens_by_tier()
+                by_tier["recomputed"] = req.num_prompt_tokens - num_cached
+                req.cache_by_tier = by_tier
+                for k, v in by_tier.items():
+                    self.stats.prompt_tokens_by_tier[k] += v
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(self._chunk(req, n))

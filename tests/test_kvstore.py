@@ -64,13 +64,14 @@ def test_sharing_and_ref_counts() -> None:
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     h = hasher()
     prompt = list(range(10))  # 2 full blocks + 2 tokens
-    assert kv.find_prefix("a", prompt, h) == ([], 0)
+    assert kv.find_prefix("a", prompt, h).num_tokens == 0
     assert kv.allocate("a", len(prompt))
     kv.cache_blocks("a", prompt, len(prompt), h)
     kv.check_integrity()
-    hits, n = kv.find_prefix("b", prompt, h)
-    assert n == 8 and [b.block_id for b in hits] == kv.block_ids("a")[:2]
-    assert kv.allocate("b", len(prompt), hits)
+    match = kv.find_prefix("b", prompt, h)
+    hits = match.device
+    assert match.num_tokens == 8 and [b.block_id for b in hits] == kv.block_ids("a")[:2]
+    assert kv.allocate("b", len(prompt), match)
     assert [b.ref_cnt for b in hits] == [2, 2]
     assert kv.block_ids("b")[:2] == kv.block_ids("a")[:2]
     assert kv.block_ids("b")[2] != kv.block_ids("a")[2]  # the partial block is private
@@ -87,8 +88,8 @@ def test_different_salts_never_share_blocks() -> None:
     prompt = list(range(9))
     kv.allocate("a", 9)
     kv.cache_blocks("a", prompt, 9, hasher("tenant-a"))
-    assert kv.find_prefix("b", prompt, hasher("tenant-b")) == ([], 0)
-    assert kv.find_prefix("c", prompt, hasher("tenant-a"))[1] == 8
+    assert kv.find_prefix("b", prompt, hasher("tenant-b")).num_tokens == 0
+    assert kv.find_prefix("c", prompt, hasher("tenant-a")).num_tokens == 8
     kv.check_integrity()
 
 
@@ -98,8 +99,7 @@ def test_last_token_is_always_recomputed() -> None:
     prompt = list(range(8))  # exactly two blocks
     kv.allocate("a", 8)
     kv.cache_blocks("a", prompt, 8, h)
-    _, n = kv.find_prefix("b", prompt, h)
-    assert n == 4  # the block holding the last token is not taken from the cache
+    assert kv.find_prefix("b", prompt, h).num_tokens == 4  # the block holding the last token is not taken from the cache
 
 
 def test_eviction_order_is_lru_with_tails_first() -> None:
@@ -115,9 +115,9 @@ def test_eviction_order_is_lru_with_tails_first() -> None:
     pool_kv.forget("b")
     assert pool_kv.pool.eviction_order() == a_ids[::-1] + b_ids[::-1]
     # Reviving a's head moves it out of the queue; a new allocation takes a's tail first.
-    hits, _ = pool_kv.find_prefix("c", seq_a[:5], h)
-    assert [b.block_id for b in hits] == a_ids[:1]
-    pool_kv.allocate("c", 5, hits)
+    match = pool_kv.find_prefix("c", seq_a[:5], h)
+    assert [b.block_id for b in match.device] == a_ids[:1]
+    pool_kv.allocate("c", 5, match)
     assert pool_kv.block_ids("c") == [a_ids[0], a_ids[2]]
     assert pool_kv.pool.num_evictions == 1
     pool_kv.check_integrity()

@@ -1,0 +1,120 @@
+"""KV tiers below the device pool: a store of whole blocks keyed by block hash.
+
+A block travels as one tensor ``(num_layers, 2, block_size, num_kv_heads, head_dim)``: the
+device cache is block-major, so this is a single contiguous copy in either direction.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+
+
+class KVTier(ABC):
+    """Contract for a tier.
+
+    - `put_many` stores copies of the given blocks (the caller may reuse its tensors at once) and
+      returns how many were stored; a block already present is refreshed, not duplicated. It may
+      evict other blocks to stay within capacity. It never raises for a store that is down: the
+      write is dropped and counted.
+    - `get_many` returns, per hash, the block or None (missing, corrupt, or the store is down).
+      Returned tensors are valid until the next `put_many` on the same tier; copy them before that.
+    - `contains_many` answers presence without moving payloads.
+    """
+
+    name: str
+
+    @abstractmethod
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int: ...
+
+    @abstractmethod
+    def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]: ...
+
+    @abstractmethod
+    def contains_many(self, hashes: Sequence[bytes]) -> list[bool]: ...
+
+
+class HostTier(KVTier):
+    """Host RAM: one preallocated slab of block slots (pinned when the device is CUDA), LRU.
+
+    Invariants: every slot is either free or holds exactly one hash; ``len(index) + len(free)``
+    equals the slot count, so the slab never grows past its capacity. When a put needs a slot and
+    none is free, the least recently used block is evicted, handed first to `on_evict` (write-back
+    to the tier below).
+    """
+
+    name = "host"
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        block_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        pin: bool = False,
+        on_evict: Callable[[bytes, torch.Tensor], None] | None = None,
+    ) -> None:
+        block_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self.num_slots = max(0, capacity_bytes // block_bytes)
+        self.block_bytes = block_bytes
+        # (num_slots, num_layers, 2, block_size, num_kv_heads, head_dim)
+        self.slab = torch.empty((self.num_slots, *block_shape), dtype=dtype, pin_memory=pin)
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # most recently used last
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self.on_evict = on_evict
+        self.num_evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._index
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        stored = 0
+        for h, block in items:
+            if self.num_slots == 0:
+                break
+            slot = self._index.get(h)
+            if slot is not None:
+                self._index.move_to_end(h)
+                stored += 1
+                continue
+            if self._free:
+                slot = self._free.pop()
+            else:
+                old, slot = self._index.popitem(last=False)
+                self.num_evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(old, self.slab[slot])
+            self.slab[slot].copy_(block, non_blocking=False)
+            self._index[h] = slot
+            stored += 1
+        return stored
+
+    def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for h in hashes:
+            slot = self._index.get(h)
+            if slot is None:
+                out.append(None)
+            else:
+                self._index.move_to_end(h)
+                out.append(self.slab[slot])
+        return out
+
+    def contains_many(self, hashes: Sequence[bytes]) -> list[bool]:
+        return [h in self._index for h in hashes]
+
+    def touch(self, hashes: Sequence[bytes]) -> None:
+        """Mark blocks most recently used, so that imminent evictions take others first."""
+        for h in hashes:
+            if h in self._index:
+                self._index.move_to_end(h)
+
+    def check_integrity(self) -> None:
+        slots = list(self._index.values())
+        assert len(set(slots)) == len(slots), "two hashes share a host slot"
+        assert not set(slots) & set(self._free), "a host slot is both used and free"
+        assert len(slots) + len(self._free) == self.num_slots, "host slots leaked"
