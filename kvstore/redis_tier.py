@@ -132,6 +132,7 @@ class RedisTier(KVTier):
         self._client = make_client(url, timeout_s)
         self._down = False
         self._next_try = 0.0
+        self._secret: bytes | None = None  # re-published when Redis comes back empty
         self._guard(lambda c: c.ping(), None)
 
     @property
@@ -160,6 +161,12 @@ class RedisTier(KVTier):
         if self._down:
             self._down = False
             log.warning("Redis tier at %s is back", self.url)
+            if self._secret is not None:
+                # A restarted store may have lost the secret; keep serving under ours so that
+                # later servers agree with this one (a secret another server set meanwhile wins
+                # for them, and hashes then differ only until the next restart).
+                secret = self._secret
+                self._guard(lambda c: c.set(SECRET_KEY, secret, nx=True), None)
         return result
 
     def _pipeline(self, client: Any) -> Any:
@@ -244,7 +251,9 @@ class RedisTier(KVTier):
             c.set(SECRET_KEY, candidate, nx=True)
             return bytes(c.get(SECRET_KEY))
 
-        return self._guard(run, None)
+        secret = self._guard(run, None)
+        self._secret = secret or candidate
+        return secret
 
     def close(self) -> None:
         try:
