@@ -22,7 +22,7 @@ redis-server:
 
 setup: $(STAMP) redis-server
 
-run: setup
+run: $(STAMP)
 	$(BIN)/ember generate
 
 test: setup
