@@ -7,6 +7,7 @@ and is dropped by `forget`.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -46,6 +47,14 @@ class PrefixMatch:
 
 
 @dataclass(slots=True)
+class _Pin:
+    blocks: list[Block]
+    hashes: list[bytes]
+    deadline: float
+    version: int
+
+
+@dataclass(slots=True)
 class PrefixStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found cached
@@ -64,6 +73,14 @@ class KVCacheManager:
             self.pool.on_evict = lambda b: mv.demote(b.block_hash, b.block_id)  # type: ignore[arg-type]
         self._entries: dict[str, _Entry] = {}
         self.stats = PrefixStats()
+        # Session pins: an owner (a session) keeps references on its computed blocks between
+        # turns, until its deadline; the heap holds (deadline, version, owner) for expiry in
+        # O(expired) per step (stale versions are skipped).
+        self._pins: dict[str, _Pin] = {}
+        self._pin_heap: list[tuple[float, int, str]] = []
+        self._pin_version = 0
+        self.num_pin_expiries = 0
+        self.num_pin_reclaims = 0
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -189,11 +206,83 @@ class KVCacheManager:
         self.free(request_id)
         self._entries.pop(request_id, None)
 
+    # ---- session pins ----------------------------------------------------------------------
+    def pin(self, owner: str, request_id: str, deadline: float) -> int:
+        """Make `owner` hold the request's computed, cached blocks until `deadline` (replacing
+        what it held before). Call before the request is forgotten. Returns the blocks pinned."""
+        entry = self._entries.get(request_id)
+        blocks = list(entry.blocks[: entry.num_cached_blocks]) if entry else []
+        hashes = list(entry.hashes[: len(blocks)]) if entry else []
+        self.pool.touch(blocks)
+        self.unpin(owner, demote=False)
+        self._set_pin(owner, _Pin(blocks, hashes, deadline, 0))
+        return len(blocks)
+
+    def copy_pins(self, src: str, dst: str) -> None:
+        """A fork holds its parent's blocks too (shared, ref-counted: the prefix is held once)."""
+        pin = self._pins.get(src)
+        if pin is not None:
+            self.pool.touch(pin.blocks)
+            self._set_pin(dst, _Pin(list(pin.blocks), list(pin.hashes), pin.deadline, 0))
+
+    def _set_pin(self, owner: str, pin: _Pin) -> None:
+        self._pin_version += 1
+        pin.version = self._pin_version
+        self._pins[owner] = pin
+        heapq.heappush(self._pin_heap, (pin.deadline, pin.version, owner))
+
+    def set_pin_deadline(self, owner: str, deadline: float) -> None:
+        pin = self._pins.get(owner)
+        if pin is not None:
+            pin.deadline = deadline
+            self._set_pin(owner, pin)
+
+    def unpin(self, owner: str, demote: bool = True) -> int:
+        """Release `owner`'s blocks (tail first). With `demote`, their content is first copied one
+        tier down, so a lapsed pin moves the session's KV down a tier rather than away."""
+        pin = self._pins.pop(owner, None)
+        if pin is None:
+            return 0
+        if demote and self.mover is not None:
+            for h, b in zip(pin.hashes, pin.blocks):
+                if b.ref_cnt == 1:  # only the pin holds it: it may be evicted from here on
+                    self.mover.demote(h, b.block_id)
+        self.pool.release(reversed(pin.blocks))
+        return len(pin.blocks)
+
+    def expire_pins(self, now: float) -> list[str]:
+        out = []
+        while self._pin_heap and self._pin_heap[0][0] <= now:
+            _, version, owner = heapq.heappop(self._pin_heap)
+            pin = self._pins.get(owner)
+            if pin is not None and pin.version == version:
+                self.unpin(owner)
+                self.num_pin_expiries += 1
+                out.append(owner)
+        return out
+
+    def pins_by_expected_wait(self) -> list[str]:
+        """Owners ordered for reclaiming under pressure: the one expected back last first."""
+        return sorted(self._pins, key=lambda o: self._pins[o].deadline, reverse=True)
+
+    def pinned_blocks(self, owner: str | None = None) -> int:
+        if owner is not None:
+            pin = self._pins.get(owner)
+            return len(pin.blocks) if pin else 0
+        return len({b.block_id for p in self._pins.values() for b in p.blocks})
+
+    @property
+    def num_in_use(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
     def check_integrity(self) -> None:
         self.pool.check_integrity()
         if self.mover is not None and self.mover.host is not None:
             self.mover.host.check_integrity()
         refs: dict[int, int] = {}
+        for pin in self._pins.values():
+            for b in pin.blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for rid, entry in self._entries.items():
             assert len(set(map(id, entry.blocks))) == len(entry.blocks), f"{rid}: block twice"
             for b in entry.blocks:
@@ -203,5 +292,5 @@ class KVCacheManager:
                 assert h is None or h == entry.hashes[i], f"{rid}: block {i} cached under another hash"
         for block in self.pool.blocks:
             assert block.ref_cnt == refs.get(block.block_id, 0), (
-                f"block {block.block_id}: ref_cnt {block.ref_cnt} but {refs.get(block.block_id, 0)} tables hold it"
+                f"block {block.block_id}: ref_cnt {block.ref_cnt} but {refs.get(block.block_id, 0)} tables and pins hold it"
             )

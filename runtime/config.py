@@ -151,12 +151,24 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
     max_num_batched_tokens: int = 2048
+    # Priority classes (0: a turn returning from a tool, 1: a continuing turn or plain request,
+    # 2: a new session's first turn); every `aging_s` of waiting lifts a request one class.
+    aging_s: float = 2.0
+    # How long a session keeps its blocks pinned after a turn unless told otherwise.
+    pin_default_ttl_s: float = 5.0
+    # Under memory pressure, requests that do not return from a tool may reclaim at most this
+    # fraction of the pinned working set (pins lapse by their TTL regardless).
+    pin_reclaim_fraction: float = 0.25
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.aging_s <= 0:
+            raise ValueError(f"aging_s must be positive, got {self.aging_s}")
+        if not 0 <= self.pin_reclaim_fraction <= 1:
+            raise ValueError(f"pin_reclaim_fraction must be in [0, 1], got {self.pin_reclaim_fraction}")
 
 
 @dataclass(frozen=True)

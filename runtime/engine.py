@@ -96,9 +96,19 @@ class LLMEngine:
             )
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, tenant: str = "default"
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        tenant: str = "default",
+        session_id: str | None = None,
+        priority: int = 1,
     ) -> Request:
-        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input.
+
+        With `session_id`, the blocks the request computes stay pinned for that session after it
+        ends; `priority` is its class (0: returns from a tool call, 1: continuing, 2: first turn).
+        """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids = self.tokenize(prompt)
@@ -113,6 +123,8 @@ class LLMEngine:
             params=params,
             hasher=self.hasher(tenant),
             max_total_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len),
+            session_id=session_id,
+            priority=priority,
         )
         self.scheduler.add_request(req)
         self.outputs.add(req)

@@ -33,6 +33,8 @@ class Request:
     hasher: BlockHasher  # the tenant's hash chain
     max_total_tokens: int  # the context limit for this request
     arrival_time: float = field(default_factory=time.monotonic)
+    session_id: str | None = None  # the session whose turn this is: its blocks are pinned after
+    priority: int = 1  # 0: returns from a tool call, 1: continuing turn / plain, 2: first turn
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache, set at first schedule

@@ -11,7 +11,14 @@ Policy (one step):
 2. If nothing was preempted, waiting requests are admitted in order while budget, sequence slots
    and blocks last, each after a longest-prefix match that continues from the device through host
    RAM; a prompt longer than the budget is chunked across steps.
-3. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
+   The next request admitted is the one of the best priority class (a turn returning from a tool,
+   then a continuing turn, then a new session's first turn), every `aging_s` of waiting lifting a
+   request one class so no class starves; equal classes go in arrival order.
+3. When blocks run short, session pins are reclaimed before running requests are preempted, the
+   pin expected back last first. A request that does not return from a tool may reclaim at most
+   `pin_reclaim_fraction` of the pinned working set (admission control); the preemption victim is
+   the running request of the lowest class, newest first.
+4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
 """
@@ -66,6 +73,7 @@ class RequestUpdate:
 class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
+    num_pin_reclaims: int = 0
     num_computed_prompt_tokens: int = 0  # prompt tokens run through the model (not from cache)
     prompt_tokens_by_tier: dict[str, int] = field(
         default_factory=lambda: {"gpu": 0, "host": 0, "redis": 0, "recomputed": 0}
@@ -83,6 +91,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: dict[str, Request] = {}
+        # Pinned blocks when the current pressure episode began (for the reclaim bound).
+        self._pinned_high_water = 0
+        self._pressure = False
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
 
@@ -108,6 +119,9 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         req.stop_reason = stop_reason
+        if req.session_id is not None:
+            # The session keeps what this turn computed until its next turn or its pin lapses.
+            self.kv.pin(req.session_id, request_id, time.monotonic() + self.cfg.pin_default_ttl_s)
         self.kv.forget(request_id)
 
     @property
@@ -116,8 +130,13 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        now = time.monotonic()
+        self.kv.expire_pins(now)
         if self.loading:
             self._collect_loads()
+        if not self._pressure:
+            self._pinned_high_water = self.kv.pinned_blocks()
+        self._pressure = False
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         i = 0
@@ -125,7 +144,12 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
-                victim = self.running.pop()
+                self._pressure = True
+                if self._reclaim_pin(req, unbounded=True):
+                    continue
+                # The victim: lowest class, then newest, among those not yet scheduled this step.
+                j = max(range(i, len(self.running)), key=lambda k: (self.running[k].priority, self.running[k].arrival_time))
+                victim = self.running.pop(j)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -155,9 +179,30 @@ class Scheduler:
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
 
+    def _reclaim_pin(self, req: Request, unbounded: bool) -> bool:
+        """Release one session's pin to make room for `req`; False when none may be taken."""
+        for owner in self.kv.pins_by_expected_wait():
+            if owner == req.session_id:
+                continue
+            size = self.kv.pinned_blocks(owner)
+            if not unbounded:
+                floor = (1 - self.cfg.pin_reclaim_fraction) * self._pinned_high_water
+                if self.kv.pinned_blocks() - size < floor:
+                    return False
+            self.kv.unpin(owner)
+            self.stats.num_pin_reclaims += 1
+            return True
+        return False
+
+    def _effective_class(self, req: Request, now: float) -> tuple[float, float]:
+        if req.status == RequestStatus.PREEMPTED:
+            return (-1e9, req.arrival_time)  # it already held the batch: back first
+        return (req.priority - (now - req.arrival_time) // self.cfg.aging_s, req.arrival_time)
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            req = self.waiting[0]
+            req = min(self.waiting, key=lambda r: self._effective_class(r, now))
             match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             if not req.fetch_planned:
                 req.fetch_planned = True
@@ -165,15 +210,20 @@ class Scheduler:
                 if fetch:
                     assert self.kv.mover is not None
                     self.kv.mover.start_fetch(req.request_id, fetch)
-                    self.waiting.popleft()
+                    self.waiting.remove(req)
                     req.status = RequestStatus.LOADING
                     req.load_deadline = time.monotonic() + self.load_timeout_s
                     self.loading[req.request_id] = req
                     continue
             n = min(req.num_tokens - match.num_tokens, budget)
             if not self.kv.allocate(req.request_id, match.num_tokens + n, match):
+                self._pressure = True
+                # Only a turn returning from a tool may take pins without bound; a reclaim may
+                # free blocks of this very match, so it is looked up again.
+                if self._reclaim_pin(req, unbounded=req.priority == 0):
+                    continue
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             num_cached = match.num_tokens  # after allocate: a lower block that vanished is recomputed
             n = min(req.num_tokens - num_cached, budget)
             req.num_computed_tokens = num_cached
