@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/ember generate
 
 test: setup
-	$(BIN)/mypy --ignore-missing-imports runtime kvstore
+	$(BIN)/mypy --ignore-missing-imports runtime kvstore sessions
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -1,0 +1,171 @@
+"""Scheduling for agents: tool-return turns first, bounded waits for every class, session pins
+that survive pressure during their TTL and move down a tier after it, forks that hold their shared
+prefix once, and multi-turn sessions that reuse their whole context."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime import LLM, SamplingParams
+from runtime.session_engine import SessionEngine
+from tests.reference import assert_matches, reference
+
+
+def _rand(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(320) for _ in range(n)]
+
+
+def _run(engine, req) -> object:  # type: ignore[no-untyped-def]
+    while True:
+        for o in engine.step():
+            if o.request_id == req.request_id and o.finished:
+                return o
+
+
+def test_tool_return_turn_gets_its_first_token_before_fresh_requests(tiny_llama_dir: Path) -> None:
+    engine = LLM(str(tiny_llama_dir), max_num_seqs=1).engine
+    long = SamplingParams(max_tokens=30, ignore_eos=True)
+    engine.add_request(_rand(20, 0), long, priority=2)
+    engine.step()
+    fresh = [engine.add_request(_rand(20, 10 + i), long, priority=2) for i in range(8)]
+    tool_return = engine.add_request(_rand(20, 99), long, priority=0, session_id="agent")
+    first_token: dict[str, int] = {}
+    step = 0
+    while engine.has_unfinished:
+        step += 1
+        for o in engine.step():
+            first_token.setdefault(o.request_id, step)
+    assert all(first_token[tool_return.request_id] < first_token[f.request_id] for f in fresh)
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("aging_s, bounded", [(0.05, True), (1e9, False)])
+def test_aging_bounds_the_wait_of_a_low_class(tiny_llama_dir: Path, aging_s: float, bounded: bool) -> None:
+    engine = LLM(str(tiny_llama_dir), max_num_seqs=1, aging_s=aging_s).engine
+    short = SamplingParams(max_tokens=2, ignore_eos=True)
+    engine.add_request(_rand(10, 0), short, priority=0)
+    low = engine.add_request(_rand(10, 1), short, priority=2)
+    t0 = time.monotonic()
+    seed = 2
+    while time.monotonic() - t0 < 0.6 and low.num_output_tokens == 0:
+        # A steady stream of tool-return turns, one more every step.
+        engine.add_request(_rand(10, seed), short, priority=0)
+        seed += 1
+        engine.step()
+    if bounded:
+        waited = time.monotonic() - t0
+        assert low.num_output_tokens > 0 and waited < 2 * aging_s + 0.25, f"waited {waited:.3f}s"
+    else:
+        assert low.num_output_tokens == 0  # without aging the stream starves it: the test can fail
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
+    engine.check_integrity()
+
+
+def test_pins_survive_pressure_during_ttl_and_move_to_host_after(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
+    llm = LLM(str(tiny_llama_dir), num_blocks=20, pin_reclaim_fraction=0.0, pin_default_ttl_s=60.0)
+    engine = llm.engine
+    kv = engine.kv_manager
+    turn1 = _rand(64, 5)
+    _run(engine, engine.add_request(turn1, SamplingParams(max_tokens=1), session_id="A", priority=2))
+    assert kv.pinned_blocks("A") == 4
+
+    def pressure(seed: int) -> None:
+        # Two fresh 9-block requests at once: with A's 4 pinned blocks they exceed 20 blocks.
+        reqs = [engine.add_request(_rand(140, seed + i), SamplingParams(max_tokens=2), priority=2) for i in range(2)]
+        while any(not r.status.finished for r in reqs):
+            engine.step()
+
+    pressure(100)
+    assert kv.pinned_blocks("A") == 4
+    turn2 = turn1 + _rand(17, 6)
+    ref2 = reference(hf, turn2, 8)
+    params = SamplingParams(max_tokens=8, temperature=0, output_logits=True)
+    out = _run(engine, engine.add_request(turn2, params, session_id="A", priority=0))
+    assert out.cache["gpu"] == 64  # type: ignore[attr-defined]
+    assert_matches(out, ref2, "pinned across pressure")
+    # The pin lapses: its blocks are copied to host, then pressure evicts them from the device.
+    kv.set_pin_deadline("A", time.monotonic() - 1)
+    engine.step()
+    assert kv.pinned_blocks("A") == 0 and kv.num_pin_expiries == 1
+    pressure(200)
+    turn3 = turn2 + out.token_ids[:-1] + _rand(5, 7)  # type: ignore[attr-defined]
+    ref3 = reference(hf, turn3, 8)
+    out3 = _run(engine, engine.add_request(turn3, params, session_id="A", priority=0))
+    # Tails are evicted before their ancestors, so the head may still be on the device; what
+    # left it came back from host, and nothing was recomputed but the last partial block.
+    cache = out3.cache  # type: ignore[attr-defined]
+    assert cache["host"] >= 16 and cache["gpu"] + cache["host"] == (len(turn3) - 1) // 16 * 16
+    assert_matches(out3, ref3, "demoted to host after the TTL")
+    engine.check_integrity()
+
+
+def test_fresh_requests_reclaim_at_most_a_fraction_of_pins(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), num_blocks=32, pin_reclaim_fraction=0.25, pin_default_ttl_s=60.0)
+    engine = llm.engine
+    kv = engine.kv_manager
+    for i in range(4):
+        _run(engine, engine.add_request(_rand(64, 300 + i), SamplingParams(max_tokens=1), session_id=f"s{i}", priority=2))
+    assert kv.pinned_blocks() == 16
+    burst = [engine.add_request(_rand(150, 400 + i), SamplingParams(max_tokens=2), priority=2) for i in range(6)]
+    low_water = 16
+    while engine.has_unfinished:
+        engine.step()
+        low_water = min(low_water, kv.pinned_blocks())
+    assert all(r.status.finished for r in burst)
+    assert low_water >= 12, f"a burst of fresh requests reclaimed {16 - low_water} of 16 pinned blocks"
+    # A turn returning from a tool may take whatever it needs.
+    big = engine.add_request(_rand(16 * 27 + 5, 500), SamplingParams(max_tokens=2), priority=0)
+    _run(engine, big)
+    assert engine.scheduler.stats.num_pin_reclaims >= 1
+    engine.check_integrity()
+
+
+def test_forks_hold_the_shared_prefix_once(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
+    engine = LLM(str(tiny_llama_dir), pin_default_ttl_s=60.0).engine
+    kv = engine.kv_manager
+    parent = _rand(64, 600)
+    _run(engine, engine.add_request(parent, SamplingParams(max_tokens=1), session_id="parent"))
+    n, k = 3, 2
+    branches = []
+    for i in range(n):
+        kv.copy_pins("parent", f"fork{i}")
+        branch = parent + _rand(16 * k + 1, 700 + i)  # diverges by k full blocks
+        _run(engine, engine.add_request(branch, SamplingParams(max_tokens=1), session_id=f"fork{i}"))
+        branches.append(branch)
+    assert kv.num_in_use == 4 + n * k
+    assert kv.pinned_blocks() == 4 + n * k
+    params = SamplingParams(max_tokens=8, temperature=0, output_logits=True)
+    for i, prompt in ((None, parent + [1, 2]), (0, branches[0] + [3])):
+        ref = reference(hf, prompt, 8)
+        out = _run(engine, engine.add_request(prompt, params, session_id="parent" if i is None else f"fork{i}"))
+        assert_matches(out, ref, f"branch {i}")
+    engine.check_integrity()
+
+
+def test_twenty_turn_session_reuses_its_whole_context() -> None:
+    llm = LLM("smollm2-135m", pin_default_ttl_s=60.0)
+    se = SessionEngine(llm.engine)
+    s = se.manager.create("tenant")
+    s.instructions = "You are a terse assistant."
+    params = SamplingParams(max_tokens=6, temperature=0)
+    computed_before = 0
+    for turn in range(20):
+        se.append_item(s, {"type": "message", "role": "user", "content": f"Turn {turn}: name a color."})
+        out = se.run_turn(s, params)
+        if turn:
+            assert out.num_cached_tokens == computed_before // 16 * 16, f"turn {turn}"
+            assert out.cache["gpu"] == out.num_cached_tokens
+        computed_before = len(out.prompt_token_ids) + len(out.token_ids) - 1
+    assert s.log.last_seq == 20 and s.state.value == "idle"
+    llm.engine.check_integrity()
