@@ -34,7 +34,13 @@ def item_to_message(item: dict[str, Any]) -> dict[str, Any]:
 
 
 class SessionEngine:
-    def __init__(self, engine: LLMEngine, manager: SessionManager | None = None, tool_stats: ToolStats | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        manager: SessionManager | None = None,
+        tool_stats: ToolStats | None = None,
+        use_priorities: bool = True,
+    ) -> None:
         if engine.tokenizer is None:
             raise ValueError("sessions need a model with a tokenizer and chat template")
         self.engine = engine
@@ -42,6 +48,7 @@ class SessionEngine:
         self.tool_stats = tool_stats or ToolStats()
         self.renderer = IncrementalRenderer(engine.tokenizer)
         self.eos_ids = frozenset(engine.model_config.eos_token_ids)
+        self.use_priorities = use_priorities  # off: every turn is CONTINUING (an ablation)
         self._turns: dict[str, tuple[Session, Request]] = {}
 
     # ---- events --------------------------------------------------------------------------
@@ -91,6 +98,8 @@ class SessionEngine:
             priority = CONTINUING
         else:
             priority = FIRST_TURN
+        if not self.use_priorities:
+            priority = CONTINUING
         prompt = session.token_ids + self.renderer.generation_prompt
         req = self.engine.add_request(prompt, params, tenant=session.tenant, session_id=session.id, priority=priority)
         session.transition(SessionState.GENERATING)

@@ -272,3 +272,26 @@ def test_capacity_bounds_and_write_back(tiny_llama_dir: Path, tmp_path: Path) ->
         llm.close()
     finally:
         server.stop()
+
+
+def test_redis_unreachable_at_start_serves_by_recompute(tiny_llama_dir: Path, tiny_ref: Reference, tmp_path: Path, caplog) -> None:
+    from tests.redis_util import free_port
+
+    port = free_port()  # nothing listens there yet
+    llm = LLM(str(tiny_llama_dir), redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5,
+              redis_retry_interval_s=0.2, **FAST)
+    redis = llm.engine.mover.redis  # type: ignore[union-attr]
+    assert not redis.available and redis.stats.outages == 1
+    assert any("unavailable" in r.message for r in caplog.records)
+    (out,) = llm.generate([tiny_ref.prompt], _params())
+    assert_matches(out, tiny_ref, "Redis down from the start")
+    # Redis appears later on that port: the tier starts being used.
+    server = RedisServer(tmp_path / "late", port).start()
+    try:
+        time.sleep(0.3)
+        llm.generate([_rand(70, seed=900)], SamplingParams(max_tokens=2))
+        llm.engine.mover.flush()  # type: ignore[union-attr]
+        assert redis.available and server.client().dbsize() > 0
+    finally:
+        llm.close()
+        server.stop()
