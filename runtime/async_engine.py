@@ -13,13 +13,14 @@ import queue
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from runtime.engine import LLMEngine, Prompt
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("ember.async_engine")
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -39,10 +40,17 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._stopped = False
@@ -82,6 +90,33 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(_Abort(rid))
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps (the only safe place to touch the engine
+        and what it owns) and return its result or raise its exception here."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(_Call(fn, loop, fut))
+        return await fut
+
+    def open_stream(self, request_id: str) -> None:
+        """Receive the outputs of a request that a `call` will create under `request_id`
+        (opened first, so no output can arrive before there is a queue for it)."""
+        self._streams[request_id] = (asyncio.get_running_loop(), asyncio.Queue())
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of an opened stream until the finished one."""
+        _, q = self._streams[request_id]
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+
     def abort(self, request_id: str) -> None:
         """Stop a request before its next step; its stream ends with finish_reason "abort"."""
         self._inbox.put(_Abort(request_id))
@@ -98,7 +133,15 @@ class AsyncEngine:
             loop, q = stream
             loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def _handle(self, cmd: _Add | _Abort) -> None:
+    def _handle(self, cmd: _Add | _Abort | _Call) -> None:
+        if isinstance(cmd, _Call):
+            try:
+                result = cmd.fn()
+            except Exception as e:  # handed to the caller, which owns the error
+                cmd.loop.call_soon_threadsafe(_settle, cmd.future, None, e)
+            else:
+                cmd.loop.call_soon_threadsafe(_settle, cmd.future, result, None)
+            return
         if isinstance(cmd, _Add):
             try:
                 self.engine.add_request(cmd.token_ids, cmd.params, cmd.request_id, cmd.tenant)
@@ -133,3 +176,12 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -56,6 +56,50 @@ def _generate(args: argparse.Namespace) -> int:
             return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    import uvicorn
+
+    from runtime.async_engine import AsyncEngine
+    from runtime.engine import LLMEngine
+    from runtime.llm import build_config
+    from runtime.server.app import ServerConfig, ServerState, create_app
+    from runtime.session_engine import SessionEngine
+    from sessions.manager import SessionManager
+    from sessions.store import MemoryStore, RedisSessionStore, SessionStore
+    from tools.parsers import parser_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("ember.serve")
+    keys = json.loads(open(args.api_keys).read()) if args.api_keys else None
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if keys is None:
+        if not loopback and not args.allow_open:
+            raise ValueError(f"refusing to serve without API keys on {args.host}: pass --api-keys FILE, or --allow-open")
+        log.warning("NO API KEYS CONFIGURED: the server is OPEN to anyone who can reach %s:%d", args.host, args.port)
+    overrides: dict[str, Any] = {"redis_url": args.redis, "host_cache_gib": args.host_cache_gib,
+                                 "max_model_len": args.max_model_len}
+    if args.num_blocks:
+        overrides["num_blocks"] = args.num_blocks
+    else:
+        overrides["kv_cache_gib"] = args.kv_cache_gib
+    engine = LLMEngine(build_config(args.model, **overrides))
+    store: SessionStore = RedisSessionStore(args.redis) if args.redis else MemoryStore()
+    if not args.redis:
+        log.warning("no --redis: sessions live in this process's memory and end with it")
+    manager = SessionManager(store=store)
+    recovered = manager.recover()
+    if recovered:
+        log.info("recovered %d sessions from Redis", len(recovered))
+    state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager), ServerConfig(
+        model_id=engine.model_id, api_keys=keys, parser_format=args.parser or parser_for(engine.model_id)))
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning",
+                ws_max_size=4 * state.cfg.max_frame_bytes)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ember", description="Ember: an inference runtime for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,9 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
+    sv = sub.add_parser("serve", help="serve the WebSocket session API and the HTTP API")
+    sv.add_argument("--model", default="smollm2-135m")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--redis", default=None, help="redis://host:port/db or redis+cluster://host:port")
+    sv.add_argument("--api-keys", default=None, help="a JSON file mapping API key to tenant")
+    sv.add_argument("--allow-open", action="store_true", help="serve without keys on a non-loopback address")
+    sv.add_argument("--kv-cache-gib", type=float, default=1.0)
+    sv.add_argument("--num-blocks", type=int, default=None)
+    sv.add_argument("--host-cache-gib", type=float, default=2.0)
+    sv.add_argument("--max-model-len", type=int, default=None)
+    sv.add_argument("--parser", default=None, help="tool-call format: hermes, smollm2, llama3_json")
     args = parser.parse_args(argv)
     try:
-        return _generate(args)
+        return _serve(args) if args.command == "serve" else _generate(args)
     except ValueError as e:
         print(f"ember: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,10 @@
 turn is a request of the right priority class, and between turns the session's blocks stay pinned
 for a time-to-live learned from the tool it waits on.
 
-Synchronous and single-threaded like the engine it drives: the server calls it from the engine
-thread. Protocol events are appended to the session's log here; turning tokens into text and tool
-calls is the caller's (it passes the calls a turn ended with to `finish_turn`).
+Synchronous and single-threaded like the engine it drives: the server calls it on the engine
+thread. It appends no protocol events (the server owns the event logs, on its own thread); turning
+tokens into text and tool calls is the caller's too (it passes the calls a turn ended with to
+`finish_turn`).
 """
 from __future__ import annotations
 
@@ -51,13 +52,6 @@ class SessionEngine:
         self.use_priorities = use_priorities  # off: every turn is CONTINUING (an ablation)
         self._turns: dict[str, tuple[Session, Request]] = {}
 
-    # ---- events --------------------------------------------------------------------------
-    def emit(self, session: Session, event: dict[str, Any]) -> dict[str, Any]:
-        event.setdefault("event_id", new_id("event"))
-        session.log.append(event)
-        self.manager.persist(session, [event])
-        return event
-
     # ---- items ---------------------------------------------------------------------------
     def append_item(self, session: Session, item: dict[str, Any]) -> dict[str, Any]:
         """Append a message or a tool's output; returns the item as stored (with its id).
@@ -84,11 +78,11 @@ class SessionEngine:
         self.manager.check_tokens(session.tenant, len(tokens))
         session.items.append(item)
         session.append_tokens(tokens)
-        self.emit(session, {"type": "conversation.item.added", "item": item})
+        self.manager.persist(session)
         return item
 
     # ---- turns ---------------------------------------------------------------------------
-    def start_turn(self, session: Session, params: SamplingParams) -> Request:
+    def start_turn(self, session: Session, params: SamplingParams, request_id: str | None = None) -> Request:
         """Queue the next assistant turn on the engine (raises ValueError if it cannot run)."""
         if not session.token_ids:
             raise ValueError("the session has no items to respond to")
@@ -101,18 +95,23 @@ class SessionEngine:
         if not self.use_priorities:
             priority = CONTINUING
         prompt = session.token_ids + self.renderer.generation_prompt
-        req = self.engine.add_request(prompt, params, tenant=session.tenant, session_id=session.id, priority=priority)
+        req = self.engine.add_request(prompt, params, request_id=request_id, tenant=session.tenant,
+                                      session_id=session.id, priority=priority)
         session.transition(SessionState.GENERATING)
         session.append_tokens(self.renderer.generation_prompt)
         session.returning_from_tool = False
         self._turns[session.id] = (session, req)
         return req
 
-    def finish_turn(self, session: Session, out: RequestOutput, tool_calls: Sequence[tuple[str, str]] = ()) -> None:
-        """Close the turn in the session's tokens as the template closes it; with `tool_calls`
+    def finish_turn(
+        self, session: Session, out: RequestOutput, tool_calls: Sequence[tuple[str, str]] = (),
+        output_items: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Record `output_items` and close the turn in the session's tokens as the template closes it; with `tool_calls`
         ((call_id, name) pairs) the session awaits them and its blocks stay pinned for the
         slowest tool's learned TTL, else for the default TTL."""
         self._turns.pop(session.id, None)
+        session.items.extend(output_items)
         generated = list(out.token_ids)
         session.append_tokens(generated + self.renderer.close_turn(generated, self.eos_ids))
         now = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("ember.sessions")
@@ -53,6 +54,8 @@ class RedisSessionStore(SessionStore):
 
         self.client = make_client(url, timeout_s)
         self.errors = 0
+        # One worker keeps writes in order and off the engine and event-loop threads.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-session-store")
 
     def _key(self, session_id: str, part: str) -> str:
         # The hash tag keeps a session's record and log in one cluster slot.
@@ -69,20 +72,23 @@ class RedisSessionStore(SessionStore):
             return None
 
     def save(self, record: dict[str, Any]) -> None:
-        self._guard("save", lambda: self.client.set(self._key(record["id"], "record"), json.dumps(record)))
+        data = json.dumps(record)  # serialised now: the session goes on changing
+        self._writer.submit(self._guard, "save", lambda: self.client.set(self._key(record["id"], "record"), data))
 
     def append_events(self, session_id: str, events: list[dict[str, Any]], retain: int) -> None:
         if not events:
             return
         key = self._key(session_id, "events")
 
+        data = [json.dumps(e) for e in events]
+
         def run() -> None:
             pipe = self.client.pipeline(transaction=False)
-            pipe.rpush(key, *[json.dumps(e) for e in events])
+            pipe.rpush(key, *data)
             pipe.ltrim(key, -retain, -1)
             pipe.execute()
 
-        self._guard("append events", run)
+        self._writer.submit(self._guard, "append events", run)
 
     def load_all(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
         def run() -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -99,4 +105,8 @@ class RedisSessionStore(SessionStore):
         return self._guard("load", run) or []
 
     def delete(self, session_id: str) -> None:
-        self._guard("delete", lambda: [self.client.delete(self._key(session_id, p)) for p in ("record", "events")])
+        self._writer.submit(self._guard, "delete", lambda: [self.client.delete(self._key(session_id, p)) for p in ("record", "events")])
+
+    def flush(self) -> None:
+        """Wait for every write submitted so far."""
+        self._writer.submit(lambda: None).result()

@@ -167,5 +167,5 @@ def test_twenty_turn_session_reuses_its_whole_context() -> None:
             assert out.num_cached_tokens == computed_before // 16 * 16, f"turn {turn}"
             assert out.cache["gpu"] == out.num_cached_tokens
         computed_before = len(out.prompt_token_ids) + len(out.token_ids) - 1
-    assert s.log.last_seq == 20 and s.state.value == "idle"
+    assert len(s.items) == 20 and s.state.value == "idle"
     llm.engine.check_integrity()

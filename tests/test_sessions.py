@@ -100,6 +100,7 @@ def test_sessions_persist_and_recover_through_redis(redis_server: RedisServer) -
     m.persist(s, events)
     other = m.create("tenant")
     m.close(other)
+    m.store.flush()  # type: ignore[attr-defined]
     fresh = SessionManager(store=RedisSessionStore(redis_server.url))
     (back,) = fresh.recover()
     assert back.id == s.id and back.token_ids == [1, 2, 3] and back.items == s.items

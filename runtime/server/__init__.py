@@ -1,0 +1,1 @@
+"""Ember's HTTP/WebSocket server (Starlette, served by uvicorn)."""

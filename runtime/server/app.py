@@ -1,0 +1,356 @@
+"""The Starlette app: `GET /v1/ws` (the session protocol), the sessions endpoints, models, health.
+
+Threading: the engine, the session manager and the sessions' token state are touched only on the
+engine thread (through `AsyncEngine.call`); event logs only on this event loop (through the hub)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from runtime.async_engine import AsyncEngine
+from runtime.sampling_params import SamplingParams
+from runtime.server.hub import SLOW_CLIENT_CLOSE, Connection, SessionHub
+from runtime.server.responses import ActiveResponse, run_response
+from runtime.session_engine import SessionEngine
+from sessions.event_log import ResumeWindowExpired
+from sessions.manager import NotFound, QuotaExceeded
+from sessions.session import Session, SessionState, new_id
+from tools import protocol as P
+
+log = logging.getLogger("ember.server")
+
+AUTH_CLOSE, NOT_FOUND_CLOSE = 4401, 4404
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    api_keys: dict[str, str] | None = None  # key -> tenant; None: open (one tenant)
+    max_frame_bytes: int = 1 << 20
+    max_item_tokens: int = 32_768
+    parser_format: str = "hermes"
+    default_max_output_tokens: int = 256
+
+
+@dataclass
+class ServerState:
+    aengine: AsyncEngine
+    se: SessionEngine
+    cfg: ServerConfig
+    hub: SessionHub = field(init=False)
+    active: dict[str, ActiveResponse] = field(default_factory=dict)  # session id -> response
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # session id -> settings
+
+    def __post_init__(self) -> None:
+        self.hub = SessionHub(persist=lambda s, events: self.se.manager.persist(s, events))
+
+    def tenant_for(self, key: str | None) -> str | None:
+        if self.cfg.api_keys is None:
+            return "default"
+        return self.cfg.api_keys.get(key or "")
+
+    async def call(self, fn: Any) -> Any:
+        return await self.aengine.call(fn)
+
+
+def _bearer(headers: Any) -> str | None:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+def _offered_key(ws: WebSocket) -> tuple[str | None, bool]:
+    """(key, whether the client offered ember.v1) from the header or the browser subprotocols."""
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    key = _bearer(ws.headers)
+    for p in offered:
+        if p.startswith("ember.bearer."):
+            key = key or p[len("ember.bearer."):]
+    return key, "ember.v1" in offered
+
+
+class SessionSocket:
+    """One WebSocket connection attached to one session."""
+
+    def __init__(self, state: ServerState, ws: WebSocket, session: Session, conn: Connection) -> None:
+        self.state, self.ws, self.session, self.conn = state, ws, session, conn
+
+    def error(self, type_: str, code: str, message: str, event_id: str | None = None) -> None:
+        self.state.hub.emit(self.session, P.error_event(type_, code, message, event_id))
+
+    async def sender(self) -> None:
+        while True:
+            event = await self.conn.queue.get()
+            if event is None:
+                code = SLOW_CLIENT_CLOSE if self.conn.too_slow else 1000
+                await self.ws.close(code=code, reason="too slow: resume with after_seq" if self.conn.too_slow else "")
+                return
+            await self.ws.send_text(json.dumps(event))
+
+    async def receiver(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+            if data is None:
+                continue
+            if len(data) > self.state.cfg.max_frame_bytes:
+                self.error("invalid_request_error", "frame_too_large",
+                           f"frame of {len(data)} bytes exceeds the limit of {self.state.cfg.max_frame_bytes}")
+                continue
+            try:
+                event = P.decode_client_event(data)
+            except P.ProtocolError as e:
+                self.error("invalid_request_error", "invalid_event", str(e), e.event_id)
+                continue
+            try:
+                await self.dispatch(event)
+            except (ValueError, QuotaExceeded) as e:
+                code = "quota_exceeded" if isinstance(e, QuotaExceeded) else "invalid_request"
+                kind = "rate_limit_error" if isinstance(e, QuotaExceeded) else "invalid_request_error"
+                self.error(kind, code, str(e), event.event_id)
+            if self.session.state == SessionState.CLOSED:
+                return
+
+    async def dispatch(self, ev: P.ClientEvent) -> None:
+        st, s = self.state, self.session
+        if isinstance(ev, P.SessionUpdate):
+            await self.update(ev)
+        elif isinstance(ev, P.ItemCreate):
+            item = P.item_to_dict(ev.item)
+            if isinstance(ev.item, P.MessageItem):
+                text = ev.item.content if isinstance(ev.item.content, str) else "".join(p.text for p in ev.item.content)
+                if len(text) > 8 * st.cfg.max_item_tokens:  # cheap bound before tokenizing
+                    raise ValueError(f"item is longer than {st.cfg.max_item_tokens} tokens")
+            stored = await st.call(lambda: st.se.append_item(s, item))
+            st.hub.emit(s, {"type": "conversation.item.added", "item": stored})
+        elif isinstance(ev, P.ResponseCreate):
+            if s.id in st.active:
+                self.error("invalid_request_error", "conversation_already_has_active_response",
+                           "the session already has an active response", ev.event_id)
+                return
+            self.start_response(ev)
+        elif isinstance(ev, P.ResponseCancel):
+            active = st.active.get(s.id)
+            if active is None or (ev.response_id and ev.response_id != active.response_id):
+                self.error("invalid_request_error", "response_not_found", "no such active response", ev.event_id)
+                return
+            st.aengine.abort(active.request_id)
+        elif isinstance(ev, P.SessionFork):
+            child = await st.call(lambda: st.se.fork(s, ev.metadata))
+            st.defaults[child.id] = dict(st.defaults.get(s.id, {}))
+            st.hub.emit(s, {"type": "session.forked", "session": {"id": child.id, "forked_from": s.id}})
+        elif isinstance(ev, P.SessionClose):
+            active = st.active.get(s.id)
+            if active is not None:
+                st.aengine.abort(active.request_id)
+            await st.call(lambda: st.se.close(s))
+            st.hub.emit(s, {"type": "session.closed", "session": {"id": s.id}})
+            st.hub.close_all(s.id)
+
+    async def update(self, ev: P.SessionUpdate) -> None:
+        st, s, cfg = self.state, self.session, ev.session
+        d = st.defaults.setdefault(s.id, {})
+        for k in ("temperature", "top_p", "max_output_tokens", "tool_choice"):
+            v = getattr(cfg, k)
+            if v is not None:
+                d[k] = v
+
+        def apply() -> None:
+            if cfg.metadata is not None:
+                s.metadata = dict(cfg.metadata)
+            tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                       "parameters": t.parameters}} for t in (cfg.tools or [])]
+            if not s.token_ids:
+                if cfg.instructions is not None:
+                    s.instructions = cfg.instructions
+                if cfg.tools is not None:
+                    s.tools = tools
+            elif cfg.instructions is not None or cfg.tools is not None:
+                # After the first item the past is never re-rendered: a change becomes a new
+                # system item at the tail.
+                if cfg.instructions is not None:
+                    s.instructions = cfg.instructions
+                if cfg.tools is not None:
+                    s.tools = tools
+                text = cfg.instructions if cfg.instructions is not None else s.instructions or ""
+                if cfg.tools is not None:
+                    text += "\nTools: " + json.dumps([t["function"] for t in tools])
+                st.se.append_item(s, {"type": "message", "role": "system", "content": text})
+            st.se.manager.persist(s)
+
+        await st.call(apply)
+        st.hub.emit(s, {"type": "session.updated", "session": {**s.summary(), **d, "instructions": s.instructions,
+                                                               "tools": s.tools}})
+
+    def start_response(self, ev: P.ResponseCreate) -> None:
+        st, s = self.state, self.session
+        d = st.defaults.get(s.id, {})
+        r = ev.response
+        temperature = r.temperature if r.temperature is not None else d.get("temperature", 1.0)
+        params = SamplingParams(
+            max_tokens=r.max_output_tokens or d.get("max_output_tokens") or st.cfg.default_max_output_tokens,
+            temperature=temperature,
+            top_p=r.top_p if r.top_p is not None else d.get("top_p", 1.0),
+            seed=r.seed,
+            stop=tuple(r.stop or ()),
+        )
+        tool_choice = r.tool_choice if r.tool_choice is not None else d.get("tool_choice", "auto")
+        active = ActiveResponse(new_id("resp"), new_id("req"))
+        st.active[s.id] = active
+
+        async def run() -> None:
+            try:
+                await run_response(st.aengine, st.se, st.hub, s, params, active, st.cfg.parser_format,
+                                   parse_calls=tool_choice != "none")
+            except Exception:
+                log.exception("response %s failed", active.response_id)
+                st.hub.emit(s, P.error_event("server_error", "response_failed", "the response failed"))
+            finally:
+                st.active.pop(s.id, None)
+
+        active.task = asyncio.create_task(run())
+
+
+async def ws_endpoint(ws: WebSocket) -> None:
+    state: ServerState = ws.app.state.ember
+    key, wants_v1 = _offered_key(ws)
+    await ws.accept(subprotocol="ember.v1" if wants_v1 else None)
+    tenant = state.tenant_for(key)
+    if tenant is None:
+        await ws.send_text(json.dumps(P.error_event("authentication_error", "invalid_api_key", "missing or wrong API key")))
+        await ws.close(code=AUTH_CLOSE)
+        return
+    sid = ws.query_params.get("session_id")
+    after = ws.query_params.get("after_seq")
+    try:
+        if sid is None:
+            session = await state.call(lambda: state.se.manager.create(tenant))
+        else:
+            session = await state.call(lambda: state.se.manager.get(sid, tenant))
+    except NotFound:
+        await ws.send_text(json.dumps(P.error_event("not_found", "session_not_found", f"no session {sid!r}")))
+        await ws.close(code=NOT_FOUND_CLOSE)
+        return
+    except QuotaExceeded as e:
+        await ws.send_text(json.dumps(P.error_event("rate_limit_error", "quota_exceeded", str(e))))
+        await ws.close(code=1008)
+        return
+    conn = state.hub.attach(session)
+    sock = SessionSocket(state, ws, session, conn)
+    # No await between the replay and going live: nothing is missed or sent twice.
+    if sid is None:
+        state.hub.emit(session, {"type": "session.created", "session": session.summary()})
+    else:
+        if after is not None:
+            try:
+                for event in session.log.since(int(after)):
+                    state.hub.send(conn, event)
+            except (ResumeWindowExpired, ValueError) as e:
+                sock.error("invalid_request_error", "resume_window_expired", str(e))
+        state.hub.emit(session, {"type": "session.resumed", "session": session.summary()})
+    sender = asyncio.create_task(sock.sender())
+    try:
+        await sock.receiver()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        state.hub.detach(conn)
+        if not sender.done():
+            conn.queue.put_nowait(None) if not conn.queue.full() else sender.cancel()
+            try:
+                await asyncio.wait_for(sender, timeout=5)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                sender.cancel()
+
+
+def _tenant(request: Request) -> str | None:
+    return request.app.state.ember.tenant_for(_bearer(request.headers))
+
+
+def _auth_error() -> JSONResponse:
+    return JSONResponse(P.error_event("authentication_error", "invalid_api_key", "missing or wrong API key"), status_code=401)
+
+
+def _not_found(sid: str) -> JSONResponse:
+    return JSONResponse(P.error_event("not_found", "session_not_found", f"no session {sid!r}"), status_code=404)
+
+
+async def create_session(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.ember
+    tenant = _tenant(request)
+    if tenant is None:
+        return _auth_error()
+    body = await request.json() if await request.body() else {}
+    try:
+        s = await state.call(lambda: state.se.manager.create(tenant, body.get("metadata")))
+    except QuotaExceeded as e:
+        return JSONResponse(P.error_event("rate_limit_error", "quota_exceeded", str(e)), status_code=429)
+    state.hub.emit(s, {"type": "session.created", "session": s.summary()})
+    return JSONResponse(s.summary())
+
+
+async def session_endpoint(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.ember
+    tenant = _tenant(request)
+    if tenant is None:
+        return _auth_error()
+    sid = request.path_params["sid"]
+    try:
+        s = await state.call(lambda: state.se.manager.get(sid, tenant))
+    except NotFound:
+        return _not_found(sid)
+    if request.method == "DELETE":
+        await state.call(lambda: state.se.close(s))
+        state.hub.emit(s, {"type": "session.closed", "session": {"id": s.id}})
+        state.hub.close_all(s.id)
+        return JSONResponse({"id": s.id, "deleted": True})
+    return JSONResponse({**s.summary(), "items": s.items, "num_tokens": len(s.token_ids)})
+
+
+async def fork_session(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.ember
+    tenant = _tenant(request)
+    if tenant is None:
+        return _auth_error()
+    sid = request.path_params["sid"]
+    try:
+        s = await state.call(lambda: state.se.manager.get(sid, tenant))
+        child = await state.call(lambda: state.se.fork(s))
+    except NotFound:
+        return _not_found(sid)
+    except QuotaExceeded as e:
+        return JSONResponse(P.error_event("rate_limit_error", "quota_exceeded", str(e)), status_code=429)
+    state.hub.emit(s, {"type": "session.forked", "session": {"id": child.id, "forked_from": s.id}})
+    return JSONResponse({**child.summary(), "forked_from": s.id})
+
+
+async def models(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.ember
+    return JSONResponse({"object": "list", "data": [{"id": state.cfg.model_id, "object": "model", "owned_by": "ember"}]})
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(state: ServerState) -> Starlette:
+    app = Starlette(routes=[
+        WebSocketRoute("/v1/ws", ws_endpoint),
+        Route("/v1/sessions", create_session, methods=["POST"]),
+        Route("/v1/sessions/{sid}", session_endpoint, methods=["GET", "DELETE"]),
+        Route("/v1/sessions/{sid}/fork", fork_session, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", health),
+    ])
+    app.state.ember = state
+    return app
