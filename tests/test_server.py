@@ -1,0 +1,148 @@
+"""The session protocol against a running `ember serve` on the embedded model, with a real
+websockets client."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_util import Client, ServerProcess
+
+GREEDY = {"max_output_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("server")
+    keys = d / "keys.json"
+    keys.write_text(json.dumps({"key-a": "tenant-a", "key-b": "tenant-b"}))
+    srv = ServerProcess("--api-keys", str(keys), "--max-model-len", "512", log_path=d / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+
+
+def test_a_session_end_to_end_with_seq_across_reconnects(server: ServerProcess) -> None:
+    c = Client(server, headers=A)
+    created = c.recv()
+    assert created["type"] == "session.created" and created["session"]["state"] == "idle"
+    sid = created["session"]["id"]
+    c.send({"type": "session.update", "session": {"instructions": "Answer in one short sentence.", "temperature": 0}})
+    assert c.until("session.updated")[-1]["session"]["instructions"] == "Answer in one short sentence."
+    done = c.turn("What is the capital of France?", **GREEDY)
+    types = [e["type"] for e in c.events]
+    for t in ("conversation.item.added", "response.created", "response.output_item.added",
+              "response.output_text.delta", "response.output_text.done", "response.output_item.done", "response.done"):
+        assert t in types
+    r = done["response"]
+    assert r["status"] in ("completed", "incomplete") and r["output"][0]["type"] == "message"
+    assert "Paris" in r["output"][0]["content"][0]["text"]
+    u = r["usage"]
+    assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
+    assert sum(u["cache"].values()) == u["input_tokens"]
+    seqs = [e["seq"] for e in c.events]
+    assert seqs == list(range(1, len(seqs) + 1))  # +1 each, no gaps
+    c.close()
+    # Reconnect mid-history: exactly the events after the one asked for, then live.
+    k = seqs[len(seqs) // 2]
+    c2 = Client(server, f"?session_id={sid}&after_seq={k}", headers=A)
+    replay = c2.until("session.resumed")
+    assert [e["seq"] for e in replay] == list(range(k + 1, seqs[-1] + 2))
+    assert [e["event_id"] for e in replay[:-1]] == [e["event_id"] for e in c.events[k:]]
+    done2 = c2.turn("And of Italy?", **GREEDY)
+    assert done2["seq"] > replay[-1]["seq"]
+    assert done2["response"]["usage"]["input_token_details"]["cached_tokens"] > 0
+    c2.close()
+
+
+def test_tenants_are_isolated_and_foreign_ids_look_missing(server: ServerProcess) -> None:
+    c = Client(server, headers=A)
+    sid = c.recv()["session"]["id"]
+    c.close()
+    from websockets.exceptions import ConnectionClosed
+
+    for headers in (B, {"Authorization": "Bearer key-a"}):
+        query = f"?session_id={sid}" if headers is B else "?session_id=sess_doesnotexist"
+        other = Client(server, query, headers=headers)
+        ev = other.recv()
+        assert ev["type"] == "error" and ev["error"]["type"] == "not_found"
+        with pytest.raises(ConnectionClosed) as info:
+            other.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 4404
+    assert httpx.get(f"http://{server.url}/v1/sessions/{sid}", headers=B).status_code == 404
+    assert httpx.get(f"http://{server.url}/v1/sessions/{sid}", headers=A).status_code == 200
+    bad = Client(server, headers={"Authorization": "Bearer nope"})
+    assert bad.recv()["error"]["type"] == "authentication_error"
+    with pytest.raises(ConnectionClosed) as info:
+        bad.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4401
+    assert httpx.post(f"http://{server.url}/v1/sessions").status_code == 401
+
+
+def test_bad_frames_get_errors_and_the_session_stays_usable(server: ServerProcess) -> None:
+    c = Client(server, headers=A)
+    c.recv()
+    c.ws.send("{not json")
+    assert c.until("error")[-1]["error"]["code"] == "invalid_event"
+    c.send({"type": "no.such.event", "event_id": "e1"})
+    c.send({"type": "response.create", "event_id": "e2", "response": {"max_output_tokens": "many"}})
+    errs = [c.until("error")[-1], c.until("error")[-1]]
+    assert errs[1]["error"]["event_id"] == "e2" and errs[1]["error"]["type"] == "invalid_request_error"
+    c.ws.send("x" * (2 << 20))
+    assert c.until("error")[-1]["error"]["code"] == "frame_too_large"
+    c.send({"type": "conversation.item.create", "event_id": "e3",
+            "item": {"type": "function_call_output", "call_id": "call_unknown", "output": "1"}})
+    err = c.until("error")[-1]["error"]
+    assert err["event_id"] == "e3" and "unknown call_id" in err["message"]
+    done = c.turn("Say hi.", **GREEDY)
+    assert done["response"]["status"] in ("completed", "incomplete")
+    c.close()
+
+
+def test_cancel_fork_close_and_context_limit(server: ServerProcess) -> None:
+    c = Client(server, headers=A)
+    sid = c.recv()["session"]["id"]
+    c.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": "Count to fifty."}})
+    c.until("conversation.item.added")
+    c.send({"type": "response.create", "response": {"max_output_tokens": 200, "temperature": 0}})
+    c.send({"type": "response.create", "event_id": "again", "response": {}})
+    got = c.until("response.output_text.delta")
+    assert any(e["type"] == "error" and e["error"]["code"] == "conversation_already_has_active_response" for e in got) \
+        or c.until("error")[-1]["error"]["code"] == "conversation_already_has_active_response"
+    c.send({"type": "response.cancel"})
+    after = c.until("response.done")
+    deltas_after_cancel = [e for e in after if e["type"] == "response.output_text.delta"]
+    assert after[-1]["response"]["status"] == "cancelled" and after[-1]["response"]["stop_reason"] == "cancelled"
+    assert len(deltas_after_cancel) <= 2  # in flight when the cancel arrived, plus at most one step
+    c.send({"type": "session.fork", "metadata": {"branch": "b"}})
+    forked = c.until("session.forked")[-1]["session"]
+    assert forked["forked_from"] == sid
+    f = Client(server, f"?session_id={forked['id']}", headers=A)
+    assert f.recv()["type"] == "session.resumed"
+    assert f.turn("Now count to three.", **GREEDY)["response"]["usage"]["input_token_details"]["cached_tokens"] > 0
+    f.close()
+    # Past the context (512 tokens here): the response fails, the session stays usable.
+    long = "word " * 600
+    done = c.turn(long, **GREEDY)
+    assert done["response"]["status"] == "failed"
+    assert done["response"]["status_details"]["error"]["code"] == "context_length_exceeded"
+    c.send({"type": "session.close"})
+    assert c.until("session.closed")[-1]["session"]["id"] == sid
+    assert httpx.get(f"http://{server.url}/v1/sessions/{sid}", headers=A).status_code == 404
+
+
+def test_http_endpoints(server: ServerProcess) -> None:
+    base = f"http://{server.url}"
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/v1/models", headers=A).json()["data"][0]["id"] == "smollm2-135m"
+    s = httpx.post(f"{base}/v1/sessions", headers=A, json={"metadata": {"x": 1}}).json()
+    assert s["metadata"] == {"x": 1}
+    fork = httpx.post(f"{base}/v1/sessions/{s['id']}/fork", headers=A).json()
+    assert fork["forked_from"] == s["id"]
+    assert httpx.delete(f"{base}/v1/sessions/{fork['id']}", headers=A).json()["deleted"] is True
+    assert httpx.get(f"{base}/v1/sessions/{fork['id']}", headers=A).status_code == 404
