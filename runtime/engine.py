@@ -20,6 +20,7 @@ from runtime.attention import TorchAttentionBackend
 from runtime.config import EngineConfig
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_tiers import build_tiers
+from runtime.metrics import Metrics
 from runtime.model_runner import ModelRunner
 from runtime.models.loader import load_model
 from runtime.outputs import OutputProcessor, RequestOutput
@@ -59,6 +60,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._hashers: dict[str, BlockHasher] = {}
         self._ids = itertools.count()
+        self.metrics: Metrics | None = None  # set by a server that exports them
 
     # ---- requests ------------------------------------------------------------------------
     def hasher(self, tenant: str) -> BlockHasher:
@@ -158,6 +160,8 @@ class LLMEngine:
             if stop is not None:
                 self.scheduler.finish_request(u.request.request_id, RequestStatus.FINISHED_STOPPED, stop)
             outs.append(out)
+        if self.metrics is not None and outs:
+            self.metrics.on_outputs(outs, {u.request.request_id: u.request.arrival_time for u in updates})
         return outs
 
     def check_integrity(self) -> None:

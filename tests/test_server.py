@@ -146,3 +146,18 @@ def test_http_endpoints(server: ServerProcess) -> None:
     assert fork["forked_from"] == s["id"]
     assert httpx.delete(f"{base}/v1/sessions/{fork['id']}", headers=A).json()["deleted"] is True
     assert httpx.get(f"{base}/v1/sessions/{fork['id']}", headers=A).status_code == 404
+
+
+def test_metrics(server: ServerProcess) -> None:
+    c = Client(server, headers=A)
+    c.recv()
+    c.turn("Hi there.", **GREEDY)
+    c.close()
+    text = httpx.get(f"http://{server.url}/metrics").text
+    for name in ("ember_running_sequences", "ember_waiting_sequences", "ember_generation_tokens_per_second",
+                 "ember_time_to_first_token_seconds_bucket", "ember_inter_token_seconds_bucket",
+                 'ember_prompt_tokens{tier="recomputed"}', 'ember_kv_blocks{tier="gpu",use="used"}',
+                 'ember_sessions{state="idle"}', "ember_pinned_blocks"):
+        assert name in text, name
+    count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("ember_time_to_first_token_seconds_count"))
+    assert count >= 1

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -339,6 +339,15 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [{"id": state.cfg.model_id, "object": "model", "owned_by": "ember"}]})
 
 
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.ember
+    m = state.aengine.engine.metrics
+    if m is None:
+        return Response("metrics are off\n", status_code=404)
+    await state.call(lambda: m.refresh(state.aengine.engine, state.se.manager.sessions()))
+    return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -351,6 +360,11 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/sessions/{sid}/fork", fork_session, methods=["POST"]),
         Route("/v1/models", models),
         Route("/health", health),
+        Route("/metrics", metrics),
     ])
     app.state.ember = state
+    if state.aengine.engine.metrics is None:
+        from runtime.metrics import Metrics
+
+        state.aengine.engine.metrics = Metrics()
     return app
