@@ -161,3 +161,30 @@ def test_metrics(server: ServerProcess) -> None:
         assert name in text, name
     count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("ember_time_to_first_token_seconds_count"))
     assert count >= 1
+
+
+def test_official_openai_client(server: ServerProcess) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{server.url}/v1", api_key="key-a")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=16, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    stream = client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, reasons, usage = [], [], None
+    for ch in stream:
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+            reasons.append(ch.choices[0].finish_reason)
+        if ch.usage:
+            usage = ch.usage
+    assert "".join(parts) == r.choices[0].message.content
+    assert reasons[-1] == r.choices[0].finish_reason and usage is not None
+    with pytest.raises(Exception) as info:
+        OpenAI(base_url=f"http://{server.url}/v1", api_key="wrong").chat.completions.create(
+            model="smollm2-135m", messages=msgs, max_tokens=4)
+    assert "401" in str(info.value) or "authentication" in str(info.value).lower()

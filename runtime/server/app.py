@@ -353,12 +353,15 @@ async def health(request: Request) -> JSONResponse:
 
 
 def create_app(state: ServerState) -> Starlette:
+    from runtime.server.openai_api import chat_completions
+
     app = Starlette(routes=[
         WebSocketRoute("/v1/ws", ws_endpoint),
         Route("/v1/sessions", create_session, methods=["POST"]),
         Route("/v1/sessions/{sid}", session_endpoint, methods=["GET", "DELETE"]),
         Route("/v1/sessions/{sid}/fork", fork_session, methods=["POST"]),
         Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/health", health),
         Route("/metrics", metrics),
     ])
