@@ -94,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     if recovered:
         log.info("recovered %d sessions from Redis", len(recovered))
     state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager), ServerConfig(
-        model_id=engine.model_id, api_keys=keys, parser_format=args.parser or parser_for(engine.model_id)))
+        model_id=engine.model_id, api_keys=keys, parser_format=args.parser or parser_for(engine.model_id),
+        send_queue_events=args.send_queue_events, max_frame_bytes=args.max_frame_bytes))
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning",
                 ws_max_size=4 * state.cfg.max_frame_bytes)
     return 0
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host-cache-gib", type=float, default=2.0)
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--parser", default=None, help="tool-call format: hermes, smollm2, llama3_json")
+    sv.add_argument("--send-queue-events", type=int, default=1024, help="per-connection event queue bound")
+    sv.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest client frame accepted")
     args = parser.parse_args(argv)
     try:
         return _serve(args) if args.command == "serve" else _generate(args)

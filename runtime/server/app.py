@@ -39,6 +39,7 @@ class ServerConfig:
     max_item_tokens: int = 32_768
     parser_format: str = "hermes"
     default_max_output_tokens: int = 256
+    send_queue_events: int = 1024  # per connection; a client that lets it fill is disconnected
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ServerState:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # session id -> settings
 
     def __post_init__(self) -> None:
-        self.hub = SessionHub(persist=lambda s, events: self.se.manager.persist(s, events))
+        self.hub = SessionHub(persist=lambda s, events: self.se.manager.persist(s, events),
+                              send_queue_size=self.cfg.send_queue_events)
 
     def tenant_for(self, key: str | None) -> str | None:
         if self.cfg.api_keys is None:
@@ -87,6 +89,9 @@ class SessionSocket:
         self.state.hub.emit(self.session, P.error_event(type_, code, message, event_id))
 
     async def sender(self) -> None:
+        backlog, self.conn.backlog = self.conn.backlog, []
+        for past in backlog:
+            await self.ws.send_text(json.dumps(past))
         while True:
             event = await self.conn.queue.get()
             if event is None:
@@ -96,7 +101,14 @@ class SessionSocket:
             await self.ws.send_text(json.dumps(event))
 
     async def receiver(self) -> None:
+        half = max(1, self.conn.queue.maxsize // 2)
         while True:
+            # Backpressure on input: while this connection's own events back up, read no more
+            # of its frames (a fast client sending bursts is not mistaken for a slow reader).
+            for _ in range(1000):
+                if self.conn.queue.qsize() < half or self.conn.too_slow:
+                    break
+                await asyncio.sleep(0.005)
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
@@ -253,8 +265,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
     else:
         if after is not None:
             try:
-                for event in session.log.since(int(after)):
-                    state.hub.send(conn, event)
+                conn.backlog = list(session.log.since(int(after)))
             except (ResumeWindowExpired, ValueError) as e:
                 sock.error("invalid_request_error", "resume_window_expired", str(e))
         state.hub.emit(session, {"type": "session.resumed", "session": session.summary()})

@@ -22,6 +22,9 @@ class Connection:
     session_id: str
     queue: asyncio.Queue[dict[str, Any] | None]
     too_slow: bool = False
+    # A resume's replay, snapshotted at attach time and sent before the live queue (a long
+    # replay must not count against the bound meant for live events).
+    backlog: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -43,7 +46,6 @@ class SessionHub:
                 del self._conns[conn.session_id]
 
     def send(self, conn: Connection, event: dict[str, Any]) -> None:
-        """Queue an already-logged event to one connection (a replay)."""
         try:
             conn.queue.put_nowait(event)
         except asyncio.QueueFull:
