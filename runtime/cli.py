@@ -93,8 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
     recovered = manager.recover()
     if recovered:
         log.info("recovered %d sessions from Redis", len(recovered))
-    state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager), ServerConfig(
-        model_id=engine.model_id, api_keys=keys, parser_format=args.parser or parser_for(engine.model_id),
+    fmt = args.parser or parser_for(engine.model_id)
+    state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager, tool_format=fmt), ServerConfig(
+        model_id=engine.model_id, api_keys=keys, parser_format=fmt,
         send_queue_events=args.send_queue_events, max_frame_bytes=args.max_frame_bytes))
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning",
                 ws_max_size=4 * state.cfg.max_frame_bytes)

@@ -51,6 +51,7 @@ class LLMEngine:
             loaded.config.architecture, loaded.config.config_hash, loaded.weights_id, str(dtype).removeprefix("torch."), bs
         )
         self.runner = ModelRunner(loaded.model, self.kv_cache, TorchAttentionBackend(), self.device)
+        self.runner.grammar_factory = self._grammar_masker
         self.mover, self.kv_secret = build_tiers(
             cfg, loaded.config, self.kv_cache, self.fingerprint,
             lambda: self.runner.profile_prefill(min(256, self.max_model_len - 1)),
@@ -69,6 +70,14 @@ class LLMEngine:
             salt = tenant_salt(self.kv_secret, tenant)
             h = self._hashers[tenant] = BlockHasher.create(self.fingerprint, salt, self.cfg.cache.block_size)
         return h
+
+    def _grammar_masker(self) -> object:
+        from runtime.grammar import GrammarMasker
+
+        if self.tokenizer is None:
+            raise ValueError("grammars need a model with a tokenizer")
+        eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else self.tokenizer.eos_token_id
+        return GrammarMasker(self.tokenizer, self.model_config.vocab_size, eos)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -113,6 +122,10 @@ class LLMEngine:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.grammar is not None:
+            if self.runner.grammar is None:
+                self.runner.grammar = self._grammar_masker()
+            self.runner.grammar.matcher(params.grammar)  # invalid grammars are refused here
         token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -20,6 +21,8 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.num_forward_passes = 0
+        self.grammar: Any = None  # a GrammarMasker, made on first use (needs the tokenizer)
+        self.grammar_factory: Any = None
 
     @torch.inference_mode()
     def profile_prefill(self, num_tokens: int) -> float:
@@ -65,7 +68,17 @@ class ModelRunner:
         for r in reqs:
             if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        constrained = [i for i, r in enumerate(reqs) if r.params.grammar is not None]
+        if constrained:
+            if self.grammar is None:
+                self.grammar = self.grammar_factory()
+            for i in constrained:
+                if reqs[i].matcher is None:
+                    reqs[i].matcher = self.grammar.matcher(reqs[i].params.grammar)
+            self.grammar.apply(logits, constrained, [reqs[i].matcher for i in constrained])
         result = self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for i in constrained:
+            self.grammar.consume(reqs[i].matcher, result.token_ids[i])
         out_ = RunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, result.token_ids)})
         for i, r in enumerate(reqs):
             lp = result.logprobs[i]

@@ -44,6 +44,7 @@ class Request:
     cache_by_tier: dict[str, int] | None = None  # prompt tokens per source, set at first schedule
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: Any = None  # torch.Generator for seeded sampling, made by the runner
+    matcher: Any = None  # the grammar's matcher (llguidance), made by the runner
     logprobs: list[dict[int, float]] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
 

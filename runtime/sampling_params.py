@@ -17,6 +17,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-k log-probabilities per generated token (0: the sampled one only)
     output_logits: bool = False  # keep each step's raw logits (float32, on the CPU)
     include_stop_str_in_output: bool = False
+    # A Lark grammar (llguidance dialect, `%json {schema}` allowed) the output must follow; the
+    # sampler masks every token it does not allow, and the grammar's end allows only EOS.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields, as users pass them.

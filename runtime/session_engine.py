@@ -20,6 +20,7 @@ from sessions.manager import SessionManager
 from sessions.render import IncrementalRenderer
 from sessions.session import Session, SessionState, new_id
 from sessions.tool_stats import ToolStats
+from tools.formats import tool_system_prompt
 
 TOOL_RETURN, CONTINUING, FIRST_TURN = 0, 1, 2
 
@@ -41,6 +42,7 @@ class SessionEngine:
         manager: SessionManager | None = None,
         tool_stats: ToolStats | None = None,
         use_priorities: bool = True,
+        tool_format: str = "hermes",
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("sessions need a model with a tokenizer and chat template")
@@ -50,6 +52,9 @@ class SessionEngine:
         self.renderer = IncrementalRenderer(engine.tokenizer)
         self.eos_ids = frozenset(engine.model_config.eos_token_ids)
         self.use_priorities = use_priorities  # off: every turn is CONTINUING (an ablation)
+        self.tool_format = tool_format
+        # Templates that do not take `tools` get them through the format's system prompt.
+        self.native_tools = "tools" in (getattr(engine.tokenizer, "chat_template", None) or "")
         self._turns: dict[str, tuple[Session, Request]] = {}
 
     # ---- items ---------------------------------------------------------------------------
@@ -71,8 +76,11 @@ class SessionEngine:
             raise ValueError(f"unknown item type {item['type']!r}")
         msg = item_to_message(item)
         if not session.token_ids:
-            head = [{"role": "system", "content": session.instructions}] if session.instructions else []
-            tokens = self.renderer.first(head + [msg], tools=session.tools or None)
+            system = session.instructions or ""
+            if session.tools and not self.native_tools:
+                system = (system + "\n\n" if system else "") + tool_system_prompt(self.tool_format, session.tools)
+            head = [{"role": "system", "content": system}] if system else []
+            tokens = self.renderer.first(head + [msg], tools=(session.tools or None) if self.native_tools else None)
         else:
             tokens = self.renderer.delta(msg)
         self.manager.check_tokens(session.tenant, len(tokens))

@@ -188,3 +188,67 @@ def test_official_openai_client(server: ServerProcess) -> None:
         OpenAI(base_url=f"http://{server.url}/v1", api_key="wrong").chat.completions.create(
             model="smollm2-135m", messages=msgs, max_tokens=4)
     assert "401" in str(info.value) or "authentication" in str(info.value).lower()
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "unit": {"type": "string", "enum": ["c", "f"]}},
+                          "required": ["city", "unit"]}}
+CLOCK = {"type": "function", "name": "get_time", "description": "The time in a timezone",
+         "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}
+
+
+def test_a_named_tool_choice_always_yields_a_valid_call(server: ServerProcess) -> None:
+    import jsonschema
+
+    clients = []
+    for seed in range(20):
+        c = Client(server, headers=A)
+        c.recv()
+        c.send({"type": "session.update", "session": {"tools": [WEATHER, CLOCK],
+                                                      "tool_choice": {"type": "function", "name": "get_weather"}}})
+        c.until("session.updated")
+        c.send({"type": "conversation.item.create",
+                "item": {"type": "message", "role": "user", "content": "Tell me a joke about cats."}})
+        c.until("conversation.item.added")
+        c.send({"type": "response.create", "response": {"temperature": 1.0, "seed": seed, "max_output_tokens": 120}})
+        clients.append(c)
+    for c in clients:  # all twenty ran in one batch
+        events = c.until("response.done")
+        r = events[-1]["response"]
+        assert r["stop_reason"] == "tool_calls" and r["status"] == "completed", r
+        (call,) = [o for o in r["output"] if o["type"] == "function_call"]
+        assert call["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["arguments"]), WEATHER["parameters"])
+        streamed = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+        assert json.loads(streamed) == json.loads(call["arguments"])
+        assert any(e["type"] == "response.function_call_arguments.done" for e in events)
+        c.close()
+
+
+def test_openai_client_streams_a_tool_call(server: ServerProcess) -> None:
+    import jsonschema
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{server.url}/v1", api_key="key-a")
+    tools = [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+    stream = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What's the weather in Paris, in celsius?"}],
+        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0, max_tokens=80, stream=True)
+    name, args, reasons = None, "", []
+    for ch in stream:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        for tc in d.tool_calls or []:
+            name = tc.function.name or name
+            args += tc.function.arguments or ""
+        reasons.append(ch.choices[0].finish_reason)
+    assert name == "get_weather" and reasons[-1] == "tool_calls"
+    jsonschema.validate(json.loads(args), WEATHER["parameters"])
+    plain = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=tools,
+        tool_choice="required", temperature=0, max_tokens=80)
+    (tc,) = plain.choices[0].message.tool_calls
+    assert tc.function.name == "get_weather" and plain.choices[0].finish_reason == "tool_calls"

@@ -35,3 +35,34 @@ def format_calls(fmt: str, calls: list[tuple[str, str]]) -> str:
     if fmt == "hermes":
         return "".join(f'<tool_call>{{"name": {json.dumps(n)}, "arguments": {a}}}</tool_call>' for n, a in calls)
     return "".join(f'{{"name": {json.dumps(n)}, "parameters": {a}}}' for n, a in calls)
+
+
+def call_grammar(fmt: str, tools: list[dict[str, Any]], name: str | None = None) -> str:
+    """A Lark grammar (llguidance dialect) that admits only tool calls in `fmt`: calls of the
+    tool `name`, or of any of `tools` when `name` is None, with schema-valid arguments."""
+    specs = [t.get("function", t) for t in tools]
+    if name is not None:
+        specs = [s for s in specs if s.get("name") == name]
+        if not specs:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+    args_key = "parameters" if fmt == "llama3_json" else "arguments"
+
+    def closed(schema: dict[str, Any]) -> dict[str, Any]:
+        # Strict mode: an object lists all its properties unless it says otherwise, so a call
+        # cannot wander into invented keys and run out of tokens.
+        schema = dict(schema or {"type": "object", "properties": {}})
+        if schema.get("type") == "object" and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+        return schema
+
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", args_key],
+                "properties": {"name": {"const": s["name"]}, args_key: closed(s.get("parameters"))}} for s in specs]
+    call = options[0] if len(options) == 1 else {"anyOf": options}
+    rule = "call: %json " + json.dumps(call)
+    more = "" if name is not None else "*"  # a named choice is exactly one call
+    if fmt == "smollm2":
+        return f'start: "<tool_call>[" call ("," call){more} "]</tool_call>"\n' + rule if more else \
+            'start: "<tool_call>[" call "]</tool_call>"\n' + rule
+    if fmt == "hermes":
+        return f'start: ("<tool_call>" call "</tool_call>"){"+" if more else ""}\n' + rule
+    return "start: call\n" + rule

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+
+import msgspec
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from dataclasses import replace
 
 from runtime.async_engine import AsyncEngine
 from runtime.sampling_params import SamplingParams
@@ -25,6 +29,7 @@ from sessions.event_log import ResumeWindowExpired
 from sessions.manager import NotFound, QuotaExceeded
 from sessions.session import Session, SessionState, new_id
 from tools import protocol as P
+from tools.formats import call_grammar
 
 log = logging.getLogger("ember.server")
 
@@ -91,14 +96,22 @@ class SessionSocket:
     async def sender(self) -> None:
         backlog, self.conn.backlog = self.conn.backlog, []
         for past in backlog:
-            await self.ws.send_text(json.dumps(past))
+            await self._send(past)
         while True:
             event = await self.conn.queue.get()
             if event is None:
                 code = SLOW_CLIENT_CLOSE if self.conn.too_slow else 1000
                 await self.ws.close(code=code, reason="too slow: resume with after_seq" if self.conn.too_slow else "")
                 return
-            await self.ws.send_text(json.dumps(event))
+            await self._send(event)
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        try:
+            data = json.dumps(event)
+        except (TypeError, ValueError):  # a bug, not the client's fault: keep the stream alive
+            log.exception("dropping an unserialisable %s event", event.get("type"))
+            return
+        await self.ws.send_text(data)
 
     async def receiver(self) -> None:
         half = max(1, self.conn.queue.maxsize // 2)
@@ -150,7 +163,7 @@ class SessionSocket:
                 self.error("invalid_request_error", "conversation_already_has_active_response",
                            "the session already has an active response", ev.event_id)
                 return
-            self.start_response(ev)
+            self.start_response(ev)  # raises ValueError (an error event) for a bad tool_choice
         elif isinstance(ev, P.ResponseCancel):
             active = st.active.get(s.id)
             if active is None or (ev.response_id and ev.response_id != active.response_id):
@@ -175,7 +188,7 @@ class SessionSocket:
         for k in ("temperature", "top_p", "max_output_tokens", "tool_choice"):
             v = getattr(cfg, k)
             if v is not None:
-                d[k] = v
+                d[k] = msgspec.to_builtins(v)  # kept as plain JSON values: they go out in events
 
         def apply() -> None:
             if cfg.metadata is not None:
@@ -216,7 +229,12 @@ class SessionSocket:
             seed=r.seed,
             stop=tuple(r.stop or ()),
         )
-        tool_choice = r.tool_choice if r.tool_choice is not None else d.get("tool_choice", "auto")
+        tool_choice = msgspec.to_builtins(r.tool_choice) if r.tool_choice is not None else d.get("tool_choice", "auto")
+        if tool_choice == "required" or isinstance(tool_choice, dict):
+            if not s.tools:
+                raise ValueError("tool_choice requires tools: set them with session.update")
+            name = tool_choice["name"] if isinstance(tool_choice, dict) else None
+            params = replace(params, grammar=call_grammar(st.cfg.parser_format, s.tools, name))
         active = ActiveResponse(new_id("resp"), new_id("req"))
         st.active[s.id] = active
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 from sessions.session import new_id
-from tools.formats import format_calls, tool_system_prompt
+from tools.formats import call_grammar, format_calls, tool_system_prompt
 from tools.parsers import PARSERS, ArgsDelta, CallEnd, CallStart, TextDelta
 
 
@@ -86,6 +87,16 @@ async def chat_completions(request: Request) -> Response:
             temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
             seed=body.get("seed"), stop=tuple([stop] if isinstance(stop, str) else (stop or ())),
         )
+        forced = tool_choice == "required" or isinstance(tool_choice, dict)
+        if forced:
+            if not tools:
+                raise ValueError("tool_choice requires tools")
+            name = None
+            if isinstance(tool_choice, dict):
+                name = (tool_choice.get("function") or {}).get("name")
+                if not isinstance(name, str):
+                    raise ValueError("tool_choice must be 'none', 'auto', 'required' or {type: function, function: {name}}")
+            params = replace(params, grammar=call_grammar(fmt, tools, name))
         engine.validate_prompt(prompt, params)
     except ValueError as err:
         code = "context_length_exceeded" if "context" in str(err) else "invalid_request"
