@@ -97,6 +97,11 @@ def _serve(args: argparse.Namespace) -> int:
     state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager, tool_format=fmt), ServerConfig(
         model_id=engine.model_id, api_keys=keys, parser_format=fmt,
         send_queue_events=args.send_queue_events, max_frame_bytes=args.max_frame_bytes))
+    if args.tools:
+        from runtime.server.hooks import ServerTools, load_tools
+
+        state.tools = ServerTools(load_tools(args.tools), timeout_s=args.tool_timeout, max_rounds=args.max_tool_rounds)
+        log.info("server-side tools: %s", ", ".join(state.tools.tools))
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning",
                 ws_max_size=4 * state.cfg.max_frame_bytes)
     return 0
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host-cache-gib", type=float, default=2.0)
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--parser", default=None, help="tool-call format: hermes, smollm2, llama3_json")
+    sv.add_argument("--tools", default=None, help="module:attr of @tool functions the server runs itself")
+    sv.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a server-side tool may take")
+    sv.add_argument("--max-tool-rounds", type=int, default=4, help="tool rounds within one response")
     sv.add_argument("--send-queue-events", type=int, default=1024, help="per-connection event queue bound")
     sv.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest client frame accepted")
     args = parser.parse_args(argv)

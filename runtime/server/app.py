@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from runtime.async_engine import AsyncEngine
 from runtime.sampling_params import SamplingParams
+from runtime.server.hooks import Hooks, ServerTools
 from runtime.server.hub import SLOW_CLIENT_CLOSE, Connection, SessionHub
 from runtime.server.responses import ActiveResponse, run_response
 from runtime.session_engine import SessionEngine
@@ -53,6 +54,8 @@ class ServerState:
     se: SessionEngine
     cfg: ServerConfig
     hub: SessionHub = field(init=False)
+    tools: ServerTools = field(default_factory=ServerTools)
+    hooks: Hooks = field(default_factory=Hooks)
     active: dict[str, ActiveResponse] = field(default_factory=dict)  # session id -> response
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # session id -> settings
 
@@ -67,6 +70,16 @@ class ServerState:
 
     async def call(self, fn: Any) -> Any:
         return await self.aengine.call(fn)
+
+    def new_session(self, tenant: str, metadata: dict[str, Any] | None = None) -> Session:
+        """Engine thread: a session that knows the server-side tools from the start."""
+        s = self.se.manager.create(tenant, metadata)
+        s.tools = self.tools.specs()
+        return s
+
+    def with_server_tools(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        names = {t["function"]["name"] for t in tools}
+        return tools + [t for t in self.tools.specs() if t["function"]["name"] not in names]
 
 
 def _bearer(headers: Any) -> str | None:
@@ -193,8 +206,8 @@ class SessionSocket:
         def apply() -> None:
             if cfg.metadata is not None:
                 s.metadata = dict(cfg.metadata)
-            tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                       "parameters": t.parameters}} for t in (cfg.tools or [])]
+            tools = st.with_server_tools([{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in (cfg.tools or [])])
             if not s.token_ids:
                 if cfg.instructions is not None:
                     s.instructions = cfg.instructions
@@ -241,7 +254,7 @@ class SessionSocket:
         async def run() -> None:
             try:
                 await run_response(st.aengine, st.se, st.hub, s, params, active, st.cfg.parser_format,
-                                   parse_calls=tool_choice != "none")
+                                   parse_calls=tool_choice != "none", server_tools=st.tools, hooks=st.hooks)
             except Exception:
                 log.exception("response %s failed", active.response_id)
                 st.hub.emit(s, P.error_event("server_error", "response_failed", "the response failed"))
@@ -264,7 +277,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
     after = ws.query_params.get("after_seq")
     try:
         if sid is None:
-            session = await state.call(lambda: state.se.manager.create(tenant))
+            session = await state.call(lambda: state.new_session(tenant))
         else:
             session = await state.call(lambda: state.se.manager.get(sid, tenant))
     except NotFound:
@@ -321,7 +334,7 @@ async def create_session(request: Request) -> JSONResponse:
         return _auth_error()
     body = await request.json() if await request.body() else {}
     try:
-        s = await state.call(lambda: state.se.manager.create(tenant, body.get("metadata")))
+        s = await state.call(lambda: state.new_session(tenant, body.get("metadata")))
     except QuotaExceeded as e:
         return JSONResponse(P.error_event("rate_limit_error", "quota_exceeded", str(e)), status_code=429)
     state.hub.emit(s, {"type": "session.created", "session": s.summary()})

@@ -5,13 +5,15 @@ cancel it, and the response completes into the log for a later `after_seq` resum
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runtime.async_engine import AsyncEngine
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
+from runtime.server.hooks import Hooks, ServerTools
 from runtime.server.hub import SessionHub
 from runtime.session_engine import SessionEngine
 from sessions.session import Session, new_id
@@ -124,42 +126,103 @@ async def run_response(
     active: ActiveResponse,
     parser_format: str,
     parse_calls: bool = True,
+    server_tools: ServerTools | None = None,
+    hooks: Hooks | None = None,
 ) -> None:
+    """One response: a model turn, then, while it ends in calls that are all server-side tools,
+    their execution and another turn, up to the tools' round limit. A forced tool choice (a
+    grammar) applies to the first turn only."""
     rid = active.response_id
     hub.emit(session, {"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
-    aengine.open_stream(active.request_id)
-    try:
-        await aengine.call(lambda: se.start_turn(session, params, request_id=active.request_id))
-    except ValueError as e:
-        aengine._streams.pop(active.request_id, None)
-        code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
-        hub.emit(session, {"type": "response.done", "response": {
-            "id": rid, "status": "failed", "stop_reason": "error", "output": [],
-            "status_details": {"type": "failed", "error": {"code": code, "message": str(e)}},
-            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                      "input_token_details": {"cached_tokens": 0},
-                      "cache": {"gpu": 0, "host": 0, "redis": 0, "recomputed": 0}}}})
-        return
-    parser: ToolCallParser | None = PARSERS[parser_format]() if parse_calls else None
     build = _Builder(hub, session, rid)
+    totals = {"input_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
+    cache = {"gpu": 0, "host": 0, "redis": 0, "recomputed": 0}
+    max_rounds = server_tools.max_rounds if server_tools else 0
     final: RequestOutput | None = None
-    async for out in aengine.stream(active.request_id):
-        if out.delta_text:
-            build.apply(parser.feed(out.delta_text) if parser else [TextDelta(out.delta_text)])
-        final = out
+    calls: list[tuple[str, str]] = []
+    for round_ in range(max_rounds + 1):
+        if round_:
+            active.request_id = new_id("req")
+            params = replace(params, grammar=None)
+        request_id = active.request_id
+        aengine.open_stream(request_id)
+        try:
+            await aengine.call(lambda: se.start_turn(session, params, request_id=request_id))
+        except ValueError as e:
+            aengine._streams.pop(request_id, None)
+            if final is not None:
+                break  # a later round could not start: end with what the last round produced
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
+            hub.emit(session, {"type": "response.done", "response": {
+                "id": rid, "status": "failed", "stop_reason": "error", "output": [],
+                "status_details": {"type": "failed", "error": {"code": code, "message": str(e)}},
+                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                          "input_token_details": {"cached_tokens": 0}, "cache": cache}}})
+            return
+        parser: ToolCallParser | None = PARSERS[parser_format]() if parse_calls else None
+        first_item = len(build.output)
+        async for out in aengine.stream(request_id):
+            if out.delta_text:
+                if hooks and hooks.on_token:
+                    _safe(hooks.on_token, session.id, out.delta_text)
+                build.apply(parser.feed(out.delta_text) if parser else [TextDelta(out.delta_text)])
+            final = out
+        assert final is not None
+        if parser is not None:
+            build.apply(parser.finish())
+        build.close_message()
+        items = [o for o in build.output[first_item:] if o["type"] != "function_call" or o["arguments"]]
+        calls = [(o["call_id"], o["name"]) for o in items if o["type"] == "function_call"]
+        done = final
+        await aengine.call(lambda: se.finish_turn(session, done, calls, items))
+        totals["input_tokens"] += len(final.prompt_token_ids)
+        totals["output_tokens"] += len(final.token_ids)
+        totals["cached_tokens"] += final.num_cached_tokens
+        for k, v in final.cache.items():
+            cache[k] += v
+        if (not calls or final.finish_reason != "stop" or server_tools is None or round_ == max_rounds
+                or not all(name in server_tools for _, name in calls)):
+            break
+        for item in items:
+            if item["type"] == "function_call":
+                await _run_server_tool(aengine, se, hub, session, rid, item, server_tools, hooks)
     assert final is not None
-    if parser is not None:
-        build.apply(parser.finish())
     output = build.finish()
-    calls = [(o["call_id"], o["name"]) for o in output if o["type"] == "function_call"]
-    await aengine.call(lambda: se.finish_turn(session, final, calls, output))
     status, details, stop = {
-        "stop": ("completed", None, "tool_calls" if calls else "stop"),
+        "stop": ("completed", None, "stop"),
         "length": ("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}, "length"),
         "abort": ("cancelled", {"type": "cancelled", "reason": "client_cancelled"}, "cancelled"),
     }[final.finish_reason or "stop"]
     if calls and status == "completed":
         stop = "tool_calls"
     hub.emit(session, {"type": "response.done", "response": {
-        "id": rid, "status": status, "status_details": details, "stop_reason": stop,
-        "output": output, "usage": usage(final)}})
+        "id": rid, "status": status, "status_details": details, "stop_reason": stop, "output": output,
+        "usage": {"input_tokens": totals["input_tokens"], "output_tokens": totals["output_tokens"],
+                  "total_tokens": totals["input_tokens"] + totals["output_tokens"],
+                  "input_token_details": {"cached_tokens": totals["cached_tokens"]}, "cache": cache}}})
+
+
+async def _run_server_tool(aengine: AsyncEngine, se: SessionEngine, hub: SessionHub, session: Session, rid: str,
+                           item: dict[str, Any], tools: ServerTools, hooks: Hooks | None) -> None:
+    name, call_id, arguments = item["name"], item["call_id"], item["arguments"]
+    if hooks and hooks.before_tool_call:
+        replaced = _safe(hooks.before_tool_call, session.id, name, json.loads(arguments or "{}"))
+        if isinstance(replaced, dict):
+            arguments = json.dumps(replaced)
+    hub.emit(session, {"type": "tool.execution.started", "response_id": rid, "call_id": call_id, "name": name})
+    result = await tools.run(name, arguments)
+    if hooks and hooks.after_tool_result:
+        _safe(hooks.after_tool_result, session.id, name, result.output, result.is_error)
+    hub.emit(session, {"type": "tool.execution.done", "response_id": rid, "call_id": call_id, "name": name,
+                       "output": result.output, "is_error": result.is_error, "duration_ms": result.duration_ms})
+    stored = await aengine.call(lambda: se.append_item(
+        session, {"type": "function_call_output", "call_id": call_id, "output": result.output}))
+    hub.emit(session, {"type": "conversation.item.added", "item": stored})
+
+
+def _safe(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception:
+        log.exception("a hook raised")
+        return None
