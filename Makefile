@@ -1,4 +1,4 @@
-# Ember: `make run` serves the embedded model, `make test` runs the whole suite.
+# Ember: `make run` serves the embedded model (ember serve), `make test` runs the whole suite.
 # Both set up everything they need on a fresh machine (a venv in .venv, pinned packages).
 PY ?= python3
 VENV := .venv
@@ -23,7 +23,7 @@ redis-server:
 setup: $(STAMP) redis-server
 
 run: $(STAMP)
-	$(BIN)/ember generate
+	$(BIN)/ember serve
 
 test: setup
 	$(BIN)/mypy --ignore-missing-imports runtime kvstore sessions
