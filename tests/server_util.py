@@ -75,7 +75,11 @@ class Client:
         self.ws.send(json.dumps(event))
 
     def recv(self, timeout: float = 120) -> dict[str, Any]:
-        ev = json.loads(self.ws.recv(timeout=timeout))
+        from tools.protocol import decode_server_event
+
+        raw = self.ws.recv(timeout=timeout)
+        decode_server_event(raw)  # every event the server sends conforms to the typed contract
+        ev = json.loads(raw)
         self.events.append(ev)
         return ev
 

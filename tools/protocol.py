@@ -134,3 +134,174 @@ def error_event(type_: str, code: str, message: str, event_id: str | None = None
     if event_id is not None:
         err["event_id"] = event_id
     return {"type": "error", "error": err}
+
+
+# ---- server events ------------------------------------------------------------------------
+# Every event the server sends, as a Struct (the SDK decodes with these; the tests decode every
+# event the server emits with them, so the server cannot drift from its own contract).
+
+class _ServerEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    event_id: str
+    seq: int
+
+
+class SessionInfo(msgspec.Struct, kw_only=True):
+    id: str
+    created_at: Union[int, None] = None
+    last_seq: Union[int, None] = None
+    state: Union[Literal["idle", "generating", "awaiting_tool", "closed"], None] = None
+    metadata: Union[dict[str, Any], None] = None
+    forked_from: Union[str, None] = None
+    instructions: Union[str, None] = None
+    tools: Union[list[dict[str, Any]], None] = None
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    max_output_tokens: Union[int, None] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+
+
+class SessionCreated(_ServerEvent, tag="session.created"):
+    session: SessionInfo
+
+
+class SessionResumed(_ServerEvent, tag="session.resumed"):
+    session: SessionInfo
+
+
+class SessionUpdated(_ServerEvent, tag="session.updated"):
+    session: SessionInfo
+
+
+class SessionForked(_ServerEvent, tag="session.forked"):
+    session: SessionInfo
+
+
+class SessionClosed(_ServerEvent, tag="session.closed"):
+    session: SessionInfo
+
+
+class ItemAdded(_ServerEvent, tag="conversation.item.added"):
+    item: dict[str, Any]
+
+
+class ResponseRef(msgspec.Struct):
+    id: str
+    status: str
+
+
+class ResponseCreated(_ServerEvent, tag="response.created"):
+    response: ResponseRef
+
+
+class OutputItemAdded(_ServerEvent, tag="response.output_item.added"):
+    response_id: str
+    output_index: int
+    item: dict[str, Any]
+
+
+class OutputTextDelta(_ServerEvent, tag="response.output_text.delta"):
+    response_id: str
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class OutputTextDone(_ServerEvent, tag="response.output_text.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    text: str
+
+
+class ArgumentsDelta(_ServerEvent, tag="response.function_call_arguments.delta"):
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    delta: str
+
+
+class ArgumentsDone(_ServerEvent, tag="response.function_call_arguments.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    name: str
+    arguments: str
+
+
+class OutputItemDone(_ServerEvent, tag="response.output_item.done"):
+    response_id: str
+    output_index: int
+    item: dict[str, Any]
+
+
+class ToolExecutionStarted(_ServerEvent, tag="tool.execution.started"):
+    response_id: str
+    call_id: str
+    name: str
+
+
+class ToolExecutionDone(_ServerEvent, tag="tool.execution.done"):
+    response_id: str
+    call_id: str
+    name: str
+    output: str
+    is_error: bool
+    duration_ms: int
+
+
+class CacheUsage(msgspec.Struct, forbid_unknown_fields=True):
+    gpu: int
+    host: int
+    redis: int
+    recomputed: int
+
+
+class InputTokenDetails(msgspec.Struct, forbid_unknown_fields=True):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, forbid_unknown_fields=True):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: InputTokenDetails
+    cache: CacheUsage
+
+
+class ResponseInfo(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    status: Literal["completed", "incomplete", "cancelled", "failed"]
+    stop_reason: Literal["stop", "tool_calls", "length", "cancelled", "error"]
+    output: list[dict[str, Any]]
+    usage: Usage
+    status_details: Union[dict[str, Any], None] = None
+
+
+class ResponseDone(_ServerEvent, tag="response.done"):
+    response: ResponseInfo
+
+
+class ErrorInfo(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["invalid_request_error", "authentication_error", "not_found", "rate_limit_error", "server_error"]
+    code: str
+    message: str
+    param: Union[str, None] = None
+    event_id: Union[str, None] = None
+
+
+class Error(_ServerEvent, tag="error"):
+    error: ErrorInfo
+
+
+ServerEvent = Union[
+    SessionCreated, SessionResumed, SessionUpdated, SessionForked, SessionClosed, ItemAdded, ResponseCreated,
+    OutputItemAdded, OutputTextDelta, OutputTextDone, ArgumentsDelta, ArgumentsDone, OutputItemDone,
+    ToolExecutionStarted, ToolExecutionDone, ResponseDone, Error,
+]
+_server_decoder = msgspec.json.Decoder(ServerEvent)
+
+
+def decode_server_event(data: str | bytes) -> ServerEvent:
+    return _server_decoder.decode(data)

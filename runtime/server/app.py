@@ -82,6 +82,11 @@ class ServerState:
         return tools + [t for t in self.tools.specs() if t["function"]["name"] not in names]
 
 
+def _unlogged(event: dict[str, Any]) -> str:
+    """An event sent before any session is attached (refusals): seq 0, in no session's log."""
+    return json.dumps({**event, "event_id": new_id("event"), "seq": 0})
+
+
 def _bearer(headers: Any) -> str | None:
     auth = headers.get("authorization", "")
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
@@ -270,7 +275,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
     await ws.accept(subprotocol="ember.v1" if wants_v1 else None)
     tenant = state.tenant_for(key)
     if tenant is None:
-        await ws.send_text(json.dumps(P.error_event("authentication_error", "invalid_api_key", "missing or wrong API key")))
+        await ws.send_text(_unlogged(P.error_event("authentication_error", "invalid_api_key", "missing or wrong API key")))
         await ws.close(code=AUTH_CLOSE)
         return
     sid = ws.query_params.get("session_id")
@@ -281,11 +286,11 @@ async def ws_endpoint(ws: WebSocket) -> None:
         else:
             session = await state.call(lambda: state.se.manager.get(sid, tenant))
     except NotFound:
-        await ws.send_text(json.dumps(P.error_event("not_found", "session_not_found", f"no session {sid!r}")))
+        await ws.send_text(_unlogged(P.error_event("not_found", "session_not_found", f"no session {sid!r}")))
         await ws.close(code=NOT_FOUND_CLOSE)
         return
     except QuotaExceeded as e:
-        await ws.send_text(json.dumps(P.error_event("rate_limit_error", "quota_exceeded", str(e))))
+        await ws.send_text(_unlogged(P.error_event("rate_limit_error", "quota_exceeded", str(e))))
         await ws.close(code=1008)
         return
     conn = state.hub.attach(session)
