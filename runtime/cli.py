@@ -94,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     if recovered:
         log.info("recovered %d sessions from Redis", len(recovered))
     fmt = args.parser or parser_for(engine.model_id)
-    state = ServerState(AsyncEngine(engine), SessionEngine(engine, manager, tool_format=fmt), ServerConfig(
+    se = SessionEngine(engine, manager, tool_format=fmt, max_item_tokens=args.max_item_tokens)
+    state = ServerState(AsyncEngine(engine), se, ServerConfig(
         model_id=engine.model_id, api_keys=keys, parser_format=fmt,
         send_queue_events=args.send_queue_events, max_frame_bytes=args.max_frame_bytes))
     if args.tools:
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a server-side tool may take")
     sv.add_argument("--max-tool-rounds", type=int, default=4, help="tool rounds within one response")
     sv.add_argument("--send-queue-events", type=int, default=1024, help="per-connection event queue bound")
+    sv.add_argument("--max-item-tokens", type=int, default=32_768, help="largest conversation item accepted")
     sv.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest client frame accepted")
     args = parser.parse_args(argv)
     try:

@@ -43,6 +43,7 @@ class SessionEngine:
         tool_stats: ToolStats | None = None,
         use_priorities: bool = True,
         tool_format: str = "hermes",
+        max_item_tokens: int = 32_768,
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("sessions need a model with a tokenizer and chat template")
@@ -53,6 +54,7 @@ class SessionEngine:
         self.eos_ids = frozenset(engine.model_config.eos_token_ids)
         self.use_priorities = use_priorities  # off: every turn is CONTINUING (an ablation)
         self.tool_format = tool_format
+        self.max_item_tokens = max_item_tokens
         # Templates that do not take `tools` get them through the format's system prompt.
         self.native_tools = "tools" in (getattr(engine.tokenizer, "chat_template", None) or "")
         self._turns: dict[str, tuple[Session, Request]] = {}
@@ -83,6 +85,8 @@ class SessionEngine:
             tokens = self.renderer.first(head + [msg], tools=(session.tools or None) if self.native_tools else None)
         else:
             tokens = self.renderer.delta(msg)
+        if len(tokens) > self.max_item_tokens:
+            raise ValueError(f"the item is {len(tokens)} tokens; the limit is {self.max_item_tokens}")
         self.manager.check_tokens(session.tenant, len(tokens))
         session.items.append(item)
         session.append_tokens(tokens)

@@ -39,7 +39,8 @@ frame = st.one_of(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("robust")
-    srv = ServerProcess("--max-model-len", "512", "--send-queue-events", "8", log_path=d / "server.log").start()
+    srv = ServerProcess("--max-model-len", "512", "--send-queue-events", "8", "--max-item-tokens", "200000",
+                        log_path=d / "server.log").start()
     yield srv
     srv.stop()
 

@@ -42,7 +42,6 @@ class ServerConfig:
     model_id: str
     api_keys: dict[str, str] | None = None  # key -> tenant; None: open (one tenant)
     max_frame_bytes: int = 1 << 20
-    max_item_tokens: int = 32_768
     parser_format: str = "hermes"
     default_max_output_tokens: int = 256
     send_queue_events: int = 1024  # per connection; a client that lets it fill is disconnected
@@ -170,10 +169,6 @@ class SessionSocket:
             await self.update(ev)
         elif isinstance(ev, P.ItemCreate):
             item = P.item_to_dict(ev.item)
-            if isinstance(ev.item, P.MessageItem):
-                text = ev.item.content if isinstance(ev.item.content, str) else "".join(p.text for p in ev.item.content)
-                if len(text) > 8 * st.cfg.max_item_tokens:  # cheap bound before tokenizing
-                    raise ValueError(f"item is longer than {st.cfg.max_item_tokens} tokens")
             stored = await st.call(lambda: st.se.append_item(s, item))
             st.hub.emit(s, {"type": "conversation.item.added", "item": stored})
         elif isinstance(ev, P.ResponseCreate):
