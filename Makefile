@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/ember serve
 
 test: setup
-	$(BIN)/mypy --ignore-missing-imports runtime kvstore sessions
+	$(BIN)/mypy --ignore-missing-imports runtime kvstore sessions tools
 	$(BIN)/python -m pytest -q
 
 bench: setup
