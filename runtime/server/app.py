@@ -341,16 +341,25 @@ async def create_session(request: Request) -> JSONResponse:
     return JSONResponse(s.summary())
 
 
-async def session_endpoint(request: Request) -> JSONResponse:
+async def _caller_session(request: Request) -> Session | JSONResponse:
+    """The path's session if the caller's tenant owns it, else the 401/404 response to send."""
     state: ServerState = request.app.state.ember
     tenant = _tenant(request)
     if tenant is None:
         return _auth_error()
     sid = request.path_params["sid"]
     try:
-        s = await state.call(lambda: state.se.manager.get(sid, tenant))
+        session: Session = await state.call(lambda: state.se.manager.get(sid, tenant))
+        return session
     except NotFound:
         return _not_found(sid)
+
+
+async def session_endpoint(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.ember
+    s = await _caller_session(request)
+    if isinstance(s, JSONResponse):
+        return s
     if request.method == "DELETE":
         await state.call(lambda: state.se.close(s))
         state.hub.emit(s, {"type": "session.closed", "session": {"id": s.id}})
@@ -361,15 +370,11 @@ async def session_endpoint(request: Request) -> JSONResponse:
 
 async def fork_session(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.ember
-    tenant = _tenant(request)
-    if tenant is None:
-        return _auth_error()
-    sid = request.path_params["sid"]
+    s = await _caller_session(request)
+    if isinstance(s, JSONResponse):
+        return s
     try:
-        s = await state.call(lambda: state.se.manager.get(sid, tenant))
         child = await state.call(lambda: state.se.fork(s))
-    except NotFound:
-        return _not_found(sid)
     except QuotaExceeded as e:
         return JSONResponse(P.error_event("rate_limit_error", "quota_exceeded", str(e)), status_code=429)
     state.hub.emit(s, {"type": "session.forked", "session": {"id": child.id, "forked_from": s.id}})
