@@ -62,6 +62,7 @@ def test_sync_and_async_tools_run() -> None:
 
 
 def test_importing_the_sdk_does_not_import_torch() -> None:
-    code = "import sys, tools.decorator, tools.protocol, tools.parsers, tools.formats; print('torch' in sys.modules)"
+    code = ("import sys, tools.decorator, tools.protocol, tools.parsers, tools.formats, tools.client, tools.agent; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
