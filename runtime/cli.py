@@ -108,6 +108,108 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import threading
+    import urllib.request
+
+    from tools import protocol as P
+    from tools.client import SessionClient
+
+    url = args.url
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if url is None:
+        # No server given: serve the embedded model in this process, on a free loopback port.
+        import socket
+
+        import uvicorn
+
+        from runtime.async_engine import AsyncEngine
+        from runtime.llm import LLM
+        from runtime.server.app import ServerConfig, ServerState, create_app
+        from runtime.session_engine import SessionEngine
+        from tools.parsers import parser_for
+
+        print(f"starting an in-process server on {args.model} ...", file=sys.stderr)
+        engine = LLM(args.model).engine
+        fmt = parser_for(engine.model_id)
+        state = ServerState(AsyncEngine(engine), SessionEngine(engine, tool_format=fmt),
+                            ServerConfig(model_id=engine.model_id, parser_format=fmt))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            import time
+
+            time.sleep(0.05)
+        url = f"127.0.0.1:{port}"
+
+    def list_sessions() -> list[dict[str, Any]]:
+        req = urllib.request.Request(f"http://{url}/v1/sessions", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return list(json.loads(r.read())["data"])
+
+    async def attach(session_id: str | None) -> SessionClient:
+        c = SessionClient(f"ws://{url}/v1/ws", args.api_key, session_id)
+        info = await c.connect()
+        print(f"session: {info.id} (state {info.state}, last seq {info.last_seq})", flush=True)
+        return c
+
+    async def repl() -> None:
+        client = await attach(args.session)
+        print("Type a message. Commands: /fork, /list, /resume ID, /quit", file=sys.stderr)
+        while True:
+            try:
+                line = (await asyncio.to_thread(input, "you> ")).strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line == "/quit":
+                break
+            if line == "/fork":
+                child = await client.fork()
+                await client.close()
+                client = child
+                print(f"forked: now in {client.session_id}", flush=True)
+                continue
+            if line == "/list":
+                for s in list_sessions():
+                    mark = "*" if s["id"] == client.session_id else " "
+                    print(f"{mark} {s['id']} state={s['state']} last_seq={s['last_seq']}", flush=True)
+                continue
+            if line.startswith("/resume"):
+                target = line.split(maxsplit=1)[1] if " " in line else ""
+                try:
+                    new = await attach(target)
+                except Exception as e:
+                    print(f"cannot resume {target!r}: {e}", flush=True)
+                    continue
+                await client.close()
+                client = new
+                continue
+            await client.send_message(line)
+            print("ember> ", end="", flush=True)
+            async for ev in client.respond(temperature=args.temperature, max_output_tokens=args.max_tokens):
+                if isinstance(ev, P.OutputTextDelta):
+                    print(ev.delta, end="", flush=True)
+                elif isinstance(ev, P.ArgumentsDone):
+                    print(f"\n[tool call] {ev.name}({ev.arguments})", flush=True)
+                elif isinstance(ev, P.ToolExecutionDone):
+                    print(f"[tool result] {ev.name} -> {ev.output}{' (error)' if ev.is_error else ''}", flush=True)
+                elif isinstance(ev, P.ResponseDone):
+                    u = ev.response.usage
+                    print(f"\n[{ev.response.status}: {u.output_tokens} tokens, "
+                          f"{u.input_token_details.cached_tokens}/{u.input_tokens} prompt tokens cached]", flush=True)
+        await client.close()
+
+    asyncio.run(repl())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ember", description="Ember: an inference runtime for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,8 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--send-queue-events", type=int, default=1024, help="per-connection event queue bound")
     sv.add_argument("--max-item-tokens", type=int, default=32_768, help="largest conversation item accepted")
     sv.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest client frame accepted")
+    ch = sub.add_parser("chat", help="chat over a session with a server (or one started in this process)")
+    ch.add_argument("--url", default=None, help="host:port of `ember serve` (default: serve in-process)")
+    ch.add_argument("--api-key", default=None)
+    ch.add_argument("--session", default=None, help="resume this session id")
+    ch.add_argument("--model", default="smollm2-135m", help="for the in-process server")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
     try:
+        if args.command == "chat":
+            return _chat(args)
         return _serve(args) if args.command == "serve" else _generate(args)
     except ValueError as e:
         print(f"ember: {e}", file=sys.stderr)

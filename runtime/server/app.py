@@ -332,6 +332,9 @@ async def create_session(request: Request) -> JSONResponse:
     tenant = _tenant(request)
     if tenant is None:
         return _auth_error()
+    if request.method == "GET":  # the caller's sessions
+        sessions = await state.call(lambda: [x.summary() for x in state.se.manager.sessions(tenant)])
+        return JSONResponse({"object": "list", "data": sessions})
     body = await request.json() if await request.body() else {}
     try:
         s = await state.call(lambda: state.new_session(tenant, body.get("metadata")))
@@ -404,7 +407,7 @@ def create_app(state: ServerState) -> Starlette:
 
     app = Starlette(routes=[
         WebSocketRoute("/v1/ws", ws_endpoint),
-        Route("/v1/sessions", create_session, methods=["POST"]),
+        Route("/v1/sessions", create_session, methods=["GET", "POST"]),
         Route("/v1/sessions/{sid}", session_endpoint, methods=["GET", "DELETE"]),
         Route("/v1/sessions/{sid}/fork", fork_session, methods=["POST"]),
         Route("/v1/models", models),
