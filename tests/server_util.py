@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.redis_util import free_port
 
 
@@ -100,3 +102,15 @@ class Client:
 
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
+
+
+def module_server(name: str, *args: str):  # type: ignore[no-untyped-def]
+    """A module-scoped fixture: one `ember serve` (with `args`) for the tests of a module."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+        srv = ServerProcess(*args, log_path=tmp_path_factory.mktemp(name) / "server.log").start()
+        yield srv
+        srv.stop()
+
+    return server

@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_util import ServerProcess
+from tests.server_util import ServerProcess, module_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(log_path=tmp_path_factory.mktemp("chat") / "server.log").start()
-    yield srv
-    srv.stop()
+server = module_server("chat")
 
 
 class Terminal:

@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_util import ServerProcess
+from tests.server_util import ServerProcess, module_server
 from tools import protocol as P
 from tools.agent import Agent, AgentHooks
 from tools.client import SessionClient
 from tools.decorator import tool
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(log_path=tmp_path_factory.mktemp("sdk") / "server.log").start()
-    yield srv
-    srv.stop()
+server = module_server("sdk")
 
 
 @tool

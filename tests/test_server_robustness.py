@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_util import Client, ServerProcess
+from tests.server_util import Client, ServerProcess, module_server
 
 TYPES = ["session.update", "conversation.item.create", "response.create", "response.cancel",
          "session.fork", "session.close", "error", "", "response.done", "session.created"]
@@ -36,13 +36,7 @@ frame = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("robust")
-    srv = ServerProcess("--max-model-len", "512", "--send-queue-events", "8", "--max-item-tokens", "200000",
-                        log_path=d / "server.log").start()
-    yield srv
-    srv.stop()
+server = module_server("robust", "--max-model-len", "512", "--send-queue-events", "8", "--max-item-tokens", "200000")
 
 
 class Fuzzer:

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_util import Client, ServerProcess
+from tests.server_util import Client, ServerProcess, module_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("tools")
-    srv = ServerProcess("--tools", "tests.data.server_tools:TOOLS", "--tool-timeout", "0.5", "--max-tool-rounds", "2",
-                        log_path=d / "server.log").start()
-    yield srv
-    srv.stop()
+server = module_server("tools", "--tools", "tests.data.server_tools:TOOLS", "--tool-timeout", "0.5", "--max-tool-rounds", "2")
 
 
 @pytest.mark.parametrize("name, ok, expect", [

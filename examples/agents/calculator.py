@@ -12,29 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.agents._server import args, server  # noqa: E402
+from examples.agents.calc_tools import km_to_miles, multiply  # noqa: E402
 from tools.agent import Agent, AgentHooks  # noqa: E402
-from tools.decorator import tool  # noqa: E402
-
-
-@tool
-def multiply(a: float, b: float) -> float:
-    """Multiply two numbers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
-
-
-@tool
-def km_to_miles(km: float) -> float:
-    """Convert kilometres to miles.
-
-    Args:
-        km: A distance in kilometres.
-    """
-    return round(km * 0.621371, 3)
 
 
 def main() -> None:

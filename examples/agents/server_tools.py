@@ -2,7 +2,7 @@
 them itself, and the client only watches the tool events of one response.
 
     python examples/agents/server_tools.py [--url HOST:PORT]   (a given server must have been
-    started with --tools examples.agents.server_tools:TOOLS)"""
+    started with --tools examples.agents.calc_tools:TOOLS)"""
 from __future__ import annotations
 
 import asyncio
@@ -14,31 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples.agents._server import args, server  # noqa: E402
 from tools import protocol as P  # noqa: E402
 from tools.client import SessionClient  # noqa: E402
-from tools.decorator import tool  # noqa: E402
-
-
-@tool
-def multiply(a: float, b: float) -> float:
-    """Multiply two numbers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
-
-
-@tool
-def km_to_miles(km: float) -> float:
-    """Convert kilometres to miles.
-
-    Args:
-        km: A distance in kilometres.
-    """
-    return round(km * 0.621371, 3)
-
-
-TOOLS = [multiply, km_to_miles]
 
 
 async def run(url: str) -> None:
@@ -59,7 +34,7 @@ async def run(url: str) -> None:
 
 def main() -> None:
     a = args()
-    with server(a.url, "--tools", "examples.agents.server_tools:TOOLS", "--max-tool-rounds", "1") as url:
+    with server(a.url, "--tools", "examples.agents.calc_tools:TOOLS", "--max-tool-rounds", "1") as url:
         asyncio.run(run(url))
 
 
