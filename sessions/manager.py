@@ -92,9 +92,17 @@ class SessionManager:
 
     # ---- persistence ---------------------------------------------------------------------
     def persist(self, session: Session, new_events: list[dict[str, Any]] | None = None) -> None:
-        self.store.save(session.to_record())
+        """Save the session's record (its items and tokens changed), and any new events."""
+        if self.store.durable:
+            self.store.save(session.to_record())
         if new_events:
-            self.store.append_events(session.id, new_events, self.limits.log_retain)
+            self.persist_events(session, new_events)
+
+    def persist_events(self, session: Session, events: list[dict[str, Any]]) -> None:
+        """Append events to the stored log: O(events), never the whole record (this runs for
+        every event, token deltas included). Recovery takes last_seq from the log."""
+        if self.store.durable:
+            self.store.append_events(session.id, events, self.limits.log_retain)
 
     def recover(self) -> list[Session]:
         """Rebuild every stored session (history, token ids, last seq, retained events)."""

@@ -17,6 +17,8 @@ class SessionStore(ABC):
     its retained events, oldest first; `delete` removes a session. Failures of a remote store are
     logged and counted, never raised: serving goes on from memory."""
 
+    durable = True  # whether anything is kept beyond this process (callers skip the work if not)
+
     @abstractmethod
     def save(self, record: dict[str, Any]) -> None: ...
 
@@ -32,6 +34,8 @@ class SessionStore(ABC):
 
 class MemoryStore(SessionStore):
     """Sessions live only in this process (they end with it)."""
+
+    durable = False
 
     def save(self, record: dict[str, Any]) -> None:
         pass

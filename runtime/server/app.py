@@ -59,7 +59,7 @@ class ServerState:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # session id -> settings
 
     def __post_init__(self) -> None:
-        self.hub = SessionHub(persist=lambda s, events: self.se.manager.persist(s, events),
+        self.hub = SessionHub(persist=self.se.manager.persist_events,
                               send_queue_size=self.cfg.send_queue_events)
 
     def tenant_for(self, key: str | None) -> str | None:
