@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from kernels import torch_ref
@@ -107,5 +108,79 @@ class TorchAttentionBackend(AttentionBackend):
         for start, qlen, ctx, block_ids in meta.prefills:
             out[start : start + qlen] = torch_ref.prefill_attention(
                 q[start : start + qlen], k_cache, v_cache, block_ids, ctx
+            )
+        return out
+
+
+@dataclass(slots=True)
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: block * block_size + row; -1 writes nothing
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32
+    context_lens: torch.Tensor  # (num_seqs,) int32
+    query_start: torch.Tensor  # (num_seqs,) int32
+    query_lens: torch.Tensor  # (num_seqs,) int32
+    num_decodes: int  # the first num_decodes sequences have one new token each
+    max_query_len: int  # over the sequences after the decodes (0 when there are none)
+    num_splits: int  # context splits of the decode kernel
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention in Triton kernels (kernels/): the KV write, then decodes through the
+    split-context decode kernel and prefill chunks through the extend kernel, all reading K/V
+    in place from the paged cache. Metadata is built on the host without reading anything back
+    from the device, and a CUDA graph can hold `forward` with metadata in persistent buffers."""
+
+    def __init__(self, num_kv_heads: int, device: torch.device) -> None:
+        from kernels import cache_ops, paged_attention
+
+        self.cache_ops = cache_ops
+        self.attn = paged_attention
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+    def splits_for(self, num_decodes: int) -> int:
+        return self.attn.decode_splits(num_decodes, self.num_kv_heads, self.num_sms)
+
+    def build_metadata(self, slices: list[SeqSlice], block_size: int, device: torch.device) -> TritonMetadata:
+        num_tokens = sum(s.query_len for s in slices)
+        slots = np.empty(num_tokens, dtype=np.int64)
+        width = max(-(-s.context_len // block_size) for s in slices)
+        tables = np.zeros((len(slices), width), dtype=np.int32)
+        seq = np.empty((3, len(slices)), dtype=np.int32)  # query_start, query_len, context_len
+        num_decodes = 0
+        for i, s in enumerate(slices):
+            nblocks = -(-s.context_len // block_size)
+            tables[i, :nblocks] = s.block_ids[:nblocks]
+            pos = np.arange(s.context_len - s.query_len, s.context_len)
+            slots[s.query_start : s.query_start + s.query_len] = tables[i, pos // block_size] * block_size + pos % block_size
+            seq[:, i] = (s.query_start, s.query_len, s.context_len)
+            if s.query_len == 1 and num_decodes == i:
+                num_decodes += 1
+        seq_t = torch.from_numpy(seq).to(device, non_blocking=True)
+        return TritonMetadata(
+            slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
+            context_lens=seq_t[2],
+            query_start=seq_t[0],
+            query_lens=seq_t[1],
+            num_decodes=num_decodes,
+            max_query_len=max((s.query_len for s in slices[num_decodes:]), default=0),
+            num_splits=self.splits_for(num_decodes),
+        )
+
+    def forward(self, layer, q, k, v, kv_cache, meta: TritonMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache.layer(layer)
+        self.cache_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (num_tokens, num_heads, head_dim)
+        n = meta.num_decodes
+        if n:
+            self.attn.paged_decode(
+                q[:n], k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n],
+                num_splits=meta.num_splits, out=out[:n],
+            )
+        if meta.max_query_len:
+            self.attn.paged_prefill(
+                q, k_cache, v_cache, meta.block_tables[n:], meta.query_start[n:], meta.query_lens[n:],
+                meta.context_lens[n:], meta.max_query_len, out=out,
             )
         return out

@@ -79,8 +79,12 @@ def _serve(args: argparse.Namespace) -> int:
         if not loopback and not args.allow_open:
             raise ValueError(f"refusing to serve without API keys on {args.host}: pass --api-keys FILE, or --allow-open")
         log.warning("NO API KEYS CONFIGURED: the server is OPEN to anyone who can reach %s:%d", args.host, args.port)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     overrides: dict[str, Any] = {"redis_url": args.redis, "host_cache_gib": args.host_cache_gib,
-                                 "max_model_len": args.max_model_len}
+                                 "max_model_len": args.max_model_len, "device": device, "dtype": args.dtype,
+                                 "enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs}
     if args.num_blocks:
         overrides["num_blocks"] = args.num_blocks
     else:
@@ -228,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--redis", default=None, help="redis://host:port/db or redis+cluster://host:port")
     sv.add_argument("--api-keys", default=None, help="a JSON file mapping API key to tenant")
     sv.add_argument("--allow-open", action="store_true", help="serve without keys on a non-loopback address")
+    sv.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    sv.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32")
+    sv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    sv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     sv.add_argument("--kv-cache-gib", type=float, default=1.0)
     sv.add_argument("--num-blocks", type=int, default=None)
     sv.add_argument("--host-cache-gib", type=float, default=2.0)

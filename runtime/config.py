@@ -177,6 +177,9 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy"
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
     device: str = "cpu"
+    # "auto": Triton kernels on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
     seed: int = 0
     max_model_len: int | None = None  # defaults to the model's
     cache_dir: Path = Path.home() / ".cache" / "ember"
@@ -191,6 +194,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         self.cache.validate()
@@ -210,6 +215,12 @@ class EngineConfig:
         cfg = replace(cls(), **{**env, **overrides})
         cfg.validate()
         return cfg
+
+    @property
+    def backend_name(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.device.startswith("cuda") else "torch"
 
     @property
     def torch_dtype_name(self) -> str:

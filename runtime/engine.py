@@ -16,13 +16,16 @@ import torch
 
 from kvstore.cache_manager import KVCacheManager
 from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
-from runtime.attention import TorchAttentionBackend
-from runtime.config import EngineConfig
+from runtime.attention import TorchAttentionBackend, TritonAttentionBackend
+from runtime.config import EngineConfig, ModelConfig
+from runtime.cuda_graphs import DecodeGraphs
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_tiers import build_tiers
 from runtime.metrics import Metrics
 from runtime.model_runner import ModelRunner
+from runtime.models.llama import LlamaForCausalLM
 from runtime.models.loader import load_model
+from runtime.models.ops import TritonOps
 from runtime.outputs import OutputProcessor, RequestOutput
 from runtime.request import Request, RequestStatus
 from runtime.sampling_params import SamplingParams
@@ -50,18 +53,45 @@ class LLMEngine:
         self.fingerprint = model_fingerprint(
             loaded.config.architecture, loaded.config.config_hash, loaded.weights_id, str(dtype).removeprefix("torch."), bs
         )
-        self.runner = ModelRunner(loaded.model, self.kv_cache, TorchAttentionBackend(), self.device)
+        self.runner = self._make_runner(loaded.model, loaded.config)
         self.runner.grammar_factory = self._grammar_masker
         self.mover, self.kv_secret = build_tiers(
             cfg, loaded.config, self.kv_cache, self.fingerprint,
             lambda: self.runner.profile_prefill(min(256, self.max_model_len - 1)),
         )
         self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching, self.mover)
+        if self.runner.graphs is not None:
+            self.runner.reserve = self._reserve
         self.scheduler = Scheduler(cfg.scheduler, self.kv_manager, loaded.config.eos_token_ids, cfg.tiers.load_timeout_s)
         self.outputs = OutputProcessor(self.tokenizer)
         self._hashers: dict[str, BlockHasher] = {}
         self._ids = itertools.count()
         self.metrics: Metrics | None = None  # set by a server that exports them
+
+    def _make_runner(self, model: LlamaForCausalLM, mcfg: ModelConfig) -> ModelRunner:
+        """Torch attention and eager ops on CPU; on CUDA the Triton backend, fused layer ops and,
+        unless `enforce_eager`, decode through CUDA graphs."""
+        if self.cfg.backend_name == "torch":
+            return ModelRunner(model, self.kv_cache, TorchAttentionBackend(), self.device)
+        backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device)
+        model.ops = TritonOps()
+        runner = ModelRunner(model, self.kv_cache, backend, self.device)
+        if not self.cfg.enforce_eager:  # (off CUDA: the same path without capture, for tests)
+            max_blocks = -(-self.max_model_len // self.cfg.cache.block_size)
+            runner.graphs = DecodeGraphs(
+                model, self.kv_cache, backend, self.cfg.scheduler.max_num_seqs, max_blocks, self.device
+            )
+            t0 = time.perf_counter()
+            runner.graphs.capture()
+            log.info("captured %d decode graphs in %.1f s", len(runner.graphs.sizes), time.perf_counter() - t0)
+        return runner
+
+    def _reserve(self, req: Request, num_tokens: int) -> list[int] | None:
+        """Grow a running request's block table ahead of the scheduler (for a decode step
+        launched ahead); None when the pool cannot."""
+        if not self.kv_manager.allocate(req.request_id, num_tokens):
+            return None
+        return self.kv_manager.block_ids(req.request_id)
 
     # ---- requests ------------------------------------------------------------------------
     def hasher(self, tenant: str) -> BlockHasher:

@@ -2,15 +2,55 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
 
 import torch
 
 from runtime.attention import AttentionBackend, SeqSlice
+from runtime.cuda_graphs import DecodeBatch, DecodeGraphs
 from runtime.kv_cache import PagedKVCache
 from runtime.models.llama import LlamaForCausalLM
-from runtime.scheduler import RunnerOutput, SchedulerOutput
+from runtime.request import Request
+from runtime.scheduler import RunnerOutput, ScheduledChunk, SchedulerOutput
 from runtime.sampler import Sampler
+
+
+def _plain_greedy(req: Request) -> bool:
+    """Sampled by argmax alone on the device: no host-side sampling state is involved."""
+    p = req.params
+    return p.greedy and p.logprobs is None and not p.output_logits and p.grammar is None
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A graph decode step on its way through the GPU."""
+    key: tuple[tuple[str, int], ...]  # (request id, position) of each row
+    logits: torch.Tensor  # (n, vocab_size): the graph's output buffer, valid until the next replay
+    tokens: torch.Tensor | None  # (n,) the argmax on the device, when every row is plain greedy
+    batch: DecodeBatch  # the host inputs it was launched from
+    width: int  # block-table columns in use
+    host_tokens: torch.Tensor | None = None  # (n,) pinned: the tokens' copy, queued right behind them
+    ready: Any = None  # a CUDA event recorded after that copy
+
+    def __post_init__(self) -> None:
+        # The copy to the host is queued before any step launched after this one, so reading the
+        # tokens waits for this step only (a plain .tolist() would queue behind the next step).
+        if self.tokens is not None and self.tokens.is_cuda:
+            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read_tokens(self) -> list[int]:
+        assert self.tokens is not None
+        if self.ready is None:
+            return self.tokens.tolist()
+        self.ready.synchronize()
+        assert self.host_tokens is not None
+        return self.host_tokens.tolist()
 
 
 class ModelRunner:
@@ -23,6 +63,13 @@ class ModelRunner:
         self.num_forward_passes = 0
         self.grammar: Any = None  # a GrammarMasker, made on first use (needs the tokenizer)
         self.grammar_factory: Any = None
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless eager
+        # (request, num_tokens) -> its block ids after growing its table to hold num_tokens, or
+        # None when the pool cannot; set by the engine to let decode steps be launched ahead
+        self.reserve: Callable[[Request, int], list[int] | None] | None = None
+        self._spec: _Launched | None = None
+        self.spec_hits = 0  # steps launched ahead and used
+        self.spec_misses = 0  # steps launched ahead and dropped
 
     @torch.inference_mode()
     def profile_prefill(self, num_tokens: int) -> float:
@@ -46,6 +93,11 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if not out.chunks:
             return RunnerOutput(sampled={})
+        if self.graphs is not None and len(out.chunks) <= self.graphs.max_batch and all(
+            c.num_tokens == 1 for c in out.chunks
+        ):
+            return self._execute_graphed(out.chunks)
+
         ids: list[int] = []
         positions: list[int] = []
         slices: list[SeqSlice] = []
@@ -59,12 +111,90 @@ class ModelRunner:
         hidden = self.model(input_ids, pos, self.backend, self.kv_cache, meta)  # (num_tokens, hidden)
         self.num_forward_passes += 1
 
-        sampling = [(c, s) for c, s in zip(out.chunks, slices) if c.samples]
-        if not sampling:
+        sampled = [(c, s) for c, s in zip(out.chunks, slices) if c.samples]
+        if not sampled:
             return RunnerOutput(sampled={})
-        rows = torch.tensor([s.query_start + s.query_len - 1 for _, s in sampling], device=self.device)
+        rows = torch.tensor([s.query_start + s.query_len - 1 for _, s in sampled], device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()  # (num_sampled, vocab_size)
-        reqs = [c.request for c, _ in sampling]
+        return self._sample(logits, [c.request for c, _ in sampled])
+
+    def _execute_graphed(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        """One new token per sequence through the captured graphs. A greedy step also launches
+        the step after it before reading its own tokens back (see `_speculate`), so the GPU
+        runs that step while the host applies this one's results and schedules the next."""
+        key = tuple((c.request.request_id, c.start) for c in chunks)
+        spec, self._spec = self._spec, None
+        if spec is not None and spec.key == key:
+            launched = spec
+            self.spec_hits += 1
+        else:
+            self.spec_misses += spec is not None
+            launched = self._launch(chunks, key)
+        if launched.tokens is None:
+            sampling = [i for i, c in enumerate(chunks) if c.samples]
+            if not sampling:
+                return RunnerOutput(sampled={})
+            rows = launched.logits if len(sampling) == len(chunks) else launched.logits[sampling]
+            return self._sample(rows.float(), [chunks[i].request for i in sampling])
+        if self.reserve is not None and all(
+            c.request.num_output_tokens + 1 < c.request.params.max_tokens
+            and c.request.num_tokens + 1 < c.request.max_total_tokens
+            for c in chunks
+        ):
+            self._spec = self._speculate(launched, chunks)
+        tokens = launched.read_tokens()  # the step's one synchronisation
+        return RunnerOutput(sampled={c.request.request_id: t for c, t in zip(chunks, tokens)})
+
+    def _launch(self, chunks: list[ScheduledChunk], key: tuple[tuple[str, int], ...]) -> _Launched:
+        assert self.graphs is not None
+        bs = self.kv_cache.block_size
+        n = len(chunks)
+        batch = self.graphs.host_batch(n)
+        width = 0
+        for i, c in enumerate(chunks):
+            pos = c.start
+            nblocks = pos // bs + 1
+            batch.input_ids[i] = c.request.token_ids[pos]
+            batch.positions[i] = pos
+            batch.slots[i] = c.block_ids[pos // bs] * bs + pos % bs
+            batch.context_lens[i] = pos + 1
+            batch.block_tables[i, :nblocks] = c.block_ids[:nblocks]
+            width = max(width, nblocks)
+        self.num_forward_passes += 1
+        logits = self.graphs.run(n, width)
+        greedy = all(c.samples and _plain_greedy(c.request) for c in chunks)
+        return _Launched(key, logits, logits.argmax(dim=-1) if greedy else None, batch, width)
+
+    def _speculate(self, prev: _Launched, chunks: list[ScheduledChunk]) -> _Launched | None:
+        """Launch the next decode step of the same sequences, fed by `prev`'s tokens on the
+        device. It is used only if the scheduler asks for exactly that step (same sequences,
+        next positions); otherwise it is dropped. Dropping is safe: it wrote only the KV of
+        each sequence's next position (the token `prev` sampled), which any later step
+        rewrites identically or, for a finished sequence, never reads."""
+        assert self.graphs is not None and self.reserve is not None and prev.tokens is not None
+        bs = self.kv_cache.block_size
+        n = len(chunks)
+        last = prev.batch
+        batch = self.graphs.host_batch(n)
+        np.add(last.positions, 1, out=batch.positions)
+        np.add(last.context_lens, 1, out=batch.context_lens)
+        np.add(last.slots, 1, out=batch.slots)
+        width = prev.width
+        batch.block_tables[:, :width] = last.block_tables[:, :width]
+        for i in np.flatnonzero(batch.positions % bs == 0).tolist():
+            pos = int(batch.positions[i])
+            ids = self.reserve(chunks[i].request, pos + 1)  # the next position opens a block
+            if ids is None:
+                return None
+            batch.slots[i] = ids[pos // bs] * bs
+            batch.block_tables[i, pos // bs] = ids[pos // bs]
+            width = max(width, pos // bs + 1)
+        self.num_forward_passes += 1
+        logits = self.graphs.run(n, width, input_ids=prev.tokens)
+        key = tuple((rid, pos + 1) for rid, pos in prev.key)
+        return _Launched(key, logits, logits.argmax(dim=-1), batch, width)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> RunnerOutput:
         for r in reqs:
             if r.params.seed is not None and r.generator is None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)

@@ -24,7 +24,9 @@ class Sampler:
         n = logits.shape[0]
         tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
+        if len(greedy) == n:
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
         for i, p in enumerate(params):

@@ -3,11 +3,16 @@ Llama-family checkpoints written to disk as real Hugging Face directories."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU (must be set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,6 +16,7 @@ from torch import nn
 from runtime.attention import AttentionBackend
 from runtime.config import ModelConfig
 from runtime.kv_cache import PagedKVCache
+from runtime.models.ops import LayerOps, TorchOps
 
 
 class RMSNorm(nn.Module):
@@ -45,13 +46,14 @@ class RotaryEmbedding(nn.Module):
         rope_type = rope.get("rope_type", "default")
         if rope_type == "default":
             base = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim))
+            inv_freq = 1.0 / (base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu") / cfg.head_dim))
             scaling = 1.0
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        # computed on the host in float32 whatever device or default dtype the model is built under
+        freqs = torch.arange(max_positions, dtype=torch.float, device="cpu")[:, None] * inv_freq.float().cpu()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_positions, head_dim)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
@@ -77,13 +79,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, backend: AttentionBackend, kv: PagedKVCache, meta: Any):
+    def forward(self, x, positions, ops: LayerOps, rope: RotaryEmbedding, backend: AttentionBackend,
+                kv: PagedKVCache, meta: Any):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = ops.rope(rope, positions, q, k)
         o = backend.forward(self.layer, q, k, v, kv, meta)  # (num_tokens, num_heads, head_dim)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -95,9 +98,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -108,9 +110,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, positions, rope, backend, kv, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rope, backend, kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, positions, ops: LayerOps, rope, backend, kv, meta):
+        # The residual stream is carried separately so a fused kernel can add and normalise in
+        # one pass; the sums are the same as Hugging Face's `h = residual + sublayer(norm(h))`.
+        x, residual = ops.add_rmsnorm(h, residual, self.input_layernorm)
+        h = self.self_attn(x, positions, ops, rope, backend, kv, meta)
+        x, residual = ops.add_rmsnorm(h, residual, self.post_attention_layernorm)
+        return self.mlp(x, ops), residual
 
 
 # Hugging Face parameter name suffix -> (our fused parameter, shard index)
@@ -131,6 +137,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg, max_positions)
+        self.ops: LayerOps = TorchOps()  # the runner swaps in fused kernels on CUDA
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -147,9 +154,10 @@ class LlamaForCausalLM(nn.Module):
         meta: Any,
     ) -> torch.Tensor:  # (num_tokens, hidden_size), after the final norm
         h = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            h = layer(h, positions, self.rope, backend, kv, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, self.ops, self.rope, backend, kv, meta)
+        return self.ops.add_rmsnorm(h, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (n, vocab_size)
         return F.linear(hidden, self.lm_head_weight)
@@ -204,7 +212,8 @@ class LlamaForCausalLM(nn.Module):
 
     def init_dummy(self, seed: int, std: float) -> None:
         """Random weights (benchmarks on a real architecture without its checkpoint)."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        device = self.embed_tokens.weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -212,4 +221,4 @@ class LlamaForCausalLM(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std).to(p.dtype))
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device=device).mul_(std).to(p.dtype))

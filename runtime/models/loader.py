@@ -159,11 +159,20 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     mcfg = ModelConfig.from_hf(hf)
     max_len = min(cfg.max_model_len or mcfg.max_model_len, mcfg.max_model_len)
     dtype = _DTYPES[cfg.torch_dtype_name]
-    model = LlamaForCausalLM(mcfg, max_positions=max_len)
     if cfg.load_format == "dummy":
+        # Built and filled on the target device in the target dtype: an 8B model is never
+        # materialised in float32 on the host.
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(cfg.device):
+                model = LlamaForCausalLM(mcfg, max_positions=max_len)
+        finally:
+            torch.set_default_dtype(default)
         model.init_dummy(cfg.seed, std=getattr(hf, "initializer_range", 0.02))
-        weights_id = f"dummy-seed-{cfg.seed}"
+        weights_id = f"dummy-seed-{cfg.seed}-{torch.device(cfg.device).type}"
     else:
+        model = LlamaForCausalLM(mcfg, max_positions=max_len)
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise ValueError(f"model {spec!r}: no .safetensors weights in {directory}")

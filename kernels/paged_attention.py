@@ -1,0 +1,333 @@
+"""Triton paged attention: decode (split along the context) and prefill/extend over a paged prefix.
+
+The paged cache of one layer is ``(num_blocks, block_size, num_kv_heads, head_dim)``, possibly a
+strided view into the block-major cache (runtime.kv_cache): the kernels take its strides and need
+only the last dimension contiguous. A sequence's tokens live at position ``p`` in block
+``block_table[p // block_size]``, row ``p % block_size``. Both kernels read the step's own K/V
+from the cache, so the KV write (kernels.cache_ops) must run first.
+
+Softmax runs online in float32 in the exp2 domain (scores pre-multiplied by log2(e)). For float32
+inputs the dot products use IEEE float32 (no TF32), so a float32 model matches its reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be (blocks, block_size, kv_heads, head_dim) and equal, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the head dimension of q and of the caches must be contiguous")
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim {head_dim} of q differs from the cache's {k_cache.shape[3]}")
+    if heads % k_cache.shape[2]:
+        raise ValueError(f"{heads} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError("q and the caches must be on one device")
+
+
+def _check_index(name: str, t: torch.Tensor, dims: int, rows: int) -> None:
+    if t.dtype != torch.int32 or t.dim() != dims or t.shape[0] != rows:
+        raise ValueError(f"{name} must be int32 with {dims} dims and {rows} rows, got {t.dtype} {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+# ---- the shared inner step ---------------------------------------------------------------------
+
+@triton.jit
+def _attend_tile(
+    q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold keys [n0, n0 + BLOCK_N) (those < end) of one KV head into the online softmax state
+    (m, l, acc) of the query rows q (ROWS, BLOCK_D); with CAUSAL, row i sees keys <= qpos[i]."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < end
+    blk = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
+    row = n % PAGE
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + (blk * stride_kb + row * stride_kt + kvh * stride_kh)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (ROWS, BLOCK_N)
+    visible = nmask[None, :]
+    if CAUSAL:
+        visible = visible & (n[None, :] <= qpos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(V + (blk * stride_vb + row * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+# ---- decode -----------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, BlockTables, ContextLens, Out, PartO, PartLse,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program: one sequence, one KV head (all GROUP query heads sharing it, so K/V are read
+    # once), one slice of the context. Slices are sized per sequence, so short and long
+    # sequences in one batch each spread over all NUM_SPLITS programs.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ContextLens + b)
+    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUP + rows
+    hmask = rows < GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    table = BlockTables + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        m, l, acc = _attend_tile(
+            q, m, l, acc, K, V, table, n0, end, rows, kvh, d, dmask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+            PAGE, BLOCK_N, False, PRECISION,
+        )
+
+    if NUM_SPLITS == 1:
+        out = acc / l[:, None]
+        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+    else:
+        # An empty slice (context shorter than the splits) leaves lse = -inf: weight 0 below.
+        has = l > 0
+        out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
+        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(PartO + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :],
+                 out, mask=hmask[:, None] & dmask[None, :])
+        tl.store(PartLse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PartO, PartLse, Out,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # (BLOCK_S,); split 0 is never empty, so max is finite
+    o = tl.load(PartO + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dmask)
+
+
+def decode_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Context splits so that a decode step fills the GPU: about two programs per multiprocessor."""
+    want = -(-2 * num_sms // max(1, batch * kv_heads))
+    return max(1, min(max_splits, 1 << max(0, (want - 1).bit_length())))
+
+
+def paged_decode(
+    q: torch.Tensor,  # (batch, num_heads, head_dim)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (batch, max_blocks) int32
+    context_lens: torch.Tensor,  # (batch,) int32, each >= 1
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,  # (batch, num_heads, head_dim)
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query per sequence over its paged context. Launches no host sync, so it
+    can be captured in a CUDA graph (with `num_splits` fixed per graph)."""
+    _check_cache(q, k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, heads, head_dim), got {tuple(q.shape)}")
+    batch, heads, head_dim = q.shape
+    _check_index("block_tables", block_tables, 2, batch)
+    _check_index("context_lens", context_lens, 1, batch)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype with a contiguous head dimension")
+    if batch == 0:
+        return out
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    scale = LOG2E / math.sqrt(head_dim)
+    if num_splits > 1:
+        part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o, part_lse = out, out  # unused
+    po_strides = part_o.stride()[:3] if num_splits > 1 else (0, 0, 0)
+    pl_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
+    _decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        *po_strides, *pl_strides,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=k_cache.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, heads)](
+            part_o, part_lse, out,
+            *po_strides, *pl_strides,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+# ---- prefill / extend --------------------------------------------------------------------------
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Out,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program: BLOCK_M new tokens of one sequence, one query head. New token i sits at
+    # absolute position prefix + i and attends to every key at or before it (cached or new).
+    mb = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    qlen = tl.load(QueryLen + seq)
+    if mb * BLOCK_M >= qlen:
+        return
+    qstart = tl.load(QueryStart + seq).to(tl.int64)
+    ctx = tl.load(ContextLens + seq)
+    prefix = ctx - qlen
+    kvh = h // GROUP
+
+    mi = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = mi < qlen
+    qpos = prefix + mi
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(Q + (qstart + mi)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = BlockTables + seq * stride_bt
+    # Keys past the last row's position are never seen by this tile.
+    end = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        m, l, acc = _attend_tile(
+            q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+            PAGE, BLOCK_N, True, PRECISION,
+        )
+    out = acc / l[:, None]
+    tl.store(Out + (qstart + mi)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+def paged_prefill(
+    q: torch.Tensor,  # (num_tokens, num_heads, head_dim): each sequence's new tokens, contiguous
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (num_seqs, max_blocks) int32
+    query_start: torch.Tensor,  # (num_seqs,) int32: the sequence's first row in q
+    query_lens: torch.Tensor,  # (num_seqs,) int32, each >= 1
+    context_lens: torch.Tensor,  # (num_seqs,) int32: cached prefix + query_len
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+    _check_cache(q, k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be (num_tokens, heads, head_dim), got {tuple(q.shape)}")
+    num_seqs = block_tables.shape[0]
+    _check_index("block_tables", block_tables, 2, num_seqs)
+    for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
+        _check_index(name, t, 1, num_seqs)
+    if max_query_len < 1:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype with a contiguous head dimension")
+    if num_seqs == 0:
+        return out
+    tokens, heads, head_dim = q.shape
+    if head_dim > 128 and q.dtype == torch.float32:
+        block_m = block_n = 32  # float32 tiles of 256 dims exceed shared memory at 64
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
+        LOG2E / math.sqrt(head_dim),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

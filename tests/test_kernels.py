@@ -1,0 +1,221 @@
+"""Triton kernels against the torch references on random data.
+
+On a machine without CUDA these run under TRITON_INTERPRET=1 (set in conftest.py) at small shapes,
+covering the kernels' indexing and masking logic; on a GPU the full matrix of dtypes, head dims,
+GQA ratios, block sizes and ragged context lengths runs. Every output buffer is poisoned with NaN
+first, so an element a kernel fails to write fails the comparison.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from kernels import cache_ops, fused_ops, paged_attention, torch_ref
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+# the CPU interpreter handles float32 and float16 tensors; bfloat16 runs on the GPU
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if CUDA else [torch.float16, torch.float32]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert not torch.isnan(out).any(), f"{what}: unwritten (NaN) elements"
+    err = float((out.float() - ref.float()).abs().max()) if out.numel() else 0.0
+    scale = max(1.0, float(ref.float().abs().max())) if ref.numel() else 1.0
+    assert err <= TOL[dtype] * scale * 4, f"{what}: max error {err:.3e}"
+
+
+def _paged(num_seqs_ctx: list[int], page: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    """Random caches with each sequence's blocks scattered through the pool, and its table."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    need = [-(-c // page) for c in num_seqs_ctx]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need)
+    table = torch.zeros(len(need), width, dtype=torch.int32)
+    i = 0
+    for s, n in enumerate(need):
+        table[s, :n] = torch.tensor(perm[i : i + n])
+        i += n
+    # a strided per-layer view into a block-major tensor, as runtime.kv_cache lays it out
+    data = torch.randn(num_blocks, 2, 2, page, kv_heads, head_dim, generator=g).to(dtype).to(DEV)
+    return data[:, 1, 0], data[:, 1, 1], table.to(DEV)
+
+
+def _decode_cases():
+    if CUDA:
+        heads = [(32, 8), (9, 3), (16, 16)]
+        return [
+            (dt, hd, h, kvh, 16, splits)
+            for dt, hd, (h, kvh), splits in itertools.product(DTYPES, [64, 128], heads, [1, 8])
+        ] + [
+            (torch.bfloat16, 128, 32, 8, 32, 4), (torch.bfloat16, 128, 28, 4, 8, 16),
+            (torch.bfloat16, 256, 8, 2, 16, 8), (torch.float16, 96, 12, 4, 16, 2),
+        ]
+    return [
+        (torch.float16, 32, 4, 2, 4, 1), (torch.float32, 32, 6, 2, 8, 4), (torch.float16, 16, 3, 3, 4, 3),
+        (torch.float32, 24, 4, 1, 4, 2),
+    ]
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads,kv_heads,page,splits", _decode_cases())
+def test_paged_decode(dtype, head_dim, heads, kv_heads, page, splits) -> None:
+    rnd = random.Random(head_dim * 31 + heads + page + splits)
+    ctx = [rnd.randint(1, 4100 if CUDA else 70) for _ in range(5 if CUDA else 3)] + [1, page, page + 1]
+    kc, vc, table = _paged(ctx, page, kv_heads, head_dim, dtype, seed=len(ctx) + head_dim)
+    q = torch.randn(len(ctx), heads, head_dim, device=DEV).to(dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    block_n = 64 if CUDA else 8
+    paged_attention.paged_decode(q, kc, vc, table, lens, num_splits=splits, out=out, block_n=block_n)
+    width = table.shape[1] * page
+    mask = (torch.arange(width, device=DEV)[None, :] < lens[:, None].long())[:, None, None, :]
+    ref = torch_ref.decode_attention(q.float(), kc.float(), vc.float(), table.long(), mask)
+    _close(out, ref, dtype, f"decode {dtype} hd{head_dim} {heads}/{kv_heads} page{page} splits{splits}")
+
+
+def _prefill_cases():
+    if CUDA:
+        return [
+            (dt, hd, h, kvh, 16)
+            for dt, hd, (h, kvh) in itertools.product(DTYPES, [64, 128], [(32, 8), (9, 3)])
+        ] + [(torch.bfloat16, 128, 16, 16, 32), (torch.bfloat16, 256, 8, 2, 16), (torch.float16, 128, 28, 4, 8)]
+    return [(torch.float16, 32, 4, 2, 4), (torch.float32, 16, 6, 3, 8)]
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads,kv_heads,page", _prefill_cases())
+def test_paged_prefill(dtype, head_dim, heads, kv_heads, page) -> None:
+    rnd = random.Random(head_dim + heads * 7 + page)
+    # (cached prefix, new tokens): cold prefills, extends over a prefix, a single-token extend
+    if CUDA:
+        shapes = [(0, 700), (1000, 300), (33, 1), (0, 1), (4000, 64), (rnd.randint(0, 500), rnd.randint(1, 900))]
+    else:
+        shapes = [(0, 19), (13, 9), (5, 1), (0, 1), (rnd.randint(0, 20), rnd.randint(1, 12))]
+    ctx = [p + n for p, n in shapes]
+    kc, vc, table = _paged(ctx, page, kv_heads, head_dim, dtype, seed=heads + head_dim)
+    qlens = [n for _, n in shapes]
+    starts = [sum(qlens[:i]) for i in range(len(qlens))]
+    q = torch.randn(sum(qlens), heads, head_dim, device=DEV).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    blk = {} if CUDA else {"block_m": 8, "block_n": 8}
+    paged_attention.paged_prefill(
+        q, kc, vc, table,
+        torch.tensor(starts, dtype=torch.int32, device=DEV),
+        torch.tensor(qlens, dtype=torch.int32, device=DEV),
+        torch.tensor(ctx, dtype=torch.int32, device=DEV),
+        max(qlens), out=out, **blk,
+    )
+    for s, (start, n, c) in enumerate(zip(starts, qlens, ctx)):
+        ids = table[s, : -(-c // page)].long()
+        ref = torch_ref.prefill_attention(q[start : start + n].float(), kc.float(), vc.float(), ids, c)
+        _close(out[start : start + n], ref, dtype, f"prefill seq {s} {dtype} hd{head_dim} {heads}/{kv_heads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,head_dim,page", [(2, 32, 4), (8, 128, 16)] if CUDA else [(2, 32, 4), (1, 24, 8)])
+def test_write_kv(dtype, kv_heads, head_dim, page) -> None:
+    kc, vc, _ = _paged([page * 6], page, kv_heads, head_dim, dtype, seed=3)
+    kc.fill_(float("nan"))
+    vc.fill_(float("nan"))
+    n = 5 * page - 3
+    slots = torch.randperm(kc.shape[0] * page)[:n].to(DEV)
+    slots[2] = -1  # a padding token: written nowhere
+    qkv = torch.randn(n, (4 + 2) * kv_heads, head_dim, device=DEV).to(dtype)
+    k, v = qkv[:, 4 * kv_heads : 5 * kv_heads], qkv[:, 5 * kv_heads :]  # strided views, as the model has them
+    cache_ops.write_kv(kc, vc, k, v, slots)
+    keep = slots >= 0
+    ref_k = torch.full_like(kc, float("nan"))
+    ref_v = torch.full_like(vc, float("nan"))
+    torch_ref.write_kv(ref_k, ref_v, k[keep], v[keep], slots[keep] // page, slots[keep] % page)
+    assert torch.equal(kc.isnan(), ref_k.isnan()) and torch.equal(vc.isnan(), ref_v.isnan())
+    assert torch.equal(kc.nan_to_num(), ref_k.nan_to_num()) and torch.equal(vc.nan_to_num(), ref_v.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_scatter_blocks(dtype) -> None:
+    shape = (40, 4, 2, 16, 8, 128) if CUDA else (12, 2, 2, 4, 2, 8)
+    cache = torch.randn(*shape, device=DEV).to(dtype)
+    ids = torch.tensor([7, 0, 3, 11, 5], device=DEV)
+    staged = torch.full((6, *shape[1:]), float("nan"), dtype=dtype, device=DEV)
+    cache_ops.gather_blocks(cache, ids, staged)
+    assert torch.equal(staged[:5], cache[ids]) and staged[5].isnan().all()
+    target = torch.full_like(cache, float("nan"))
+    cache_ops.scatter_blocks(target, ids.to(torch.int32), staged)
+    assert torch.equal(target[ids], cache[ids])
+    untouched = torch.ones(shape[0], dtype=torch.bool, device=DEV)
+    untouched[ids] = False
+    assert target[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 576] if CUDA else [48, 100])
+def test_add_rmsnorm(dtype, hidden) -> None:
+    x = torch.randn(7, hidden, device=DEV).to(dtype)
+    res = torch.randn(7, hidden, device=DEV).to(dtype)
+    w = (torch.rand(hidden, device=DEV) + 0.5).to(dtype)
+
+    def ref_norm(t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        return w * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+    out, r = fused_ops.add_rmsnorm(x, res.clone(), w, 1e-5)
+    _close(r, x + res, dtype, "residual sum")
+    _close(out, ref_norm(x + res), dtype, "add+rmsnorm")
+    out0, r0 = fused_ops.add_rmsnorm(x, None, w, 1e-5)
+    assert r0 is x
+    _close(out0, ref_norm(x), dtype, "rmsnorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)] if CUDA else [(4, 2, 16), (3, 1, 8)])
+def test_rope(dtype, heads, kv_heads, head_dim) -> None:
+    from runtime.models.llama import RotaryEmbedding
+
+    n, max_pos = 11, 64
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(max_pos).float()[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(DEV), emb.sin().to(DEV)
+    qkv = torch.randn(n, heads + 2 * kv_heads, head_dim, device=DEV).to(dtype)
+    q, k = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+    pos = torch.randint(0, max_pos, (n,), device=DEV)
+    c, s = cos[pos].to(dtype)[:, None], sin[pos].to(dtype)[:, None]
+    rq = q * c + RotaryEmbedding._rotate_half(q) * s
+    rk = k * c + RotaryEmbedding._rotate_half(k) * s
+    v_before = qkv[:, heads + kv_heads :].clone()
+    fused_ops.rope_(pos, q, k, cos, sin)
+    _close(q, rq, dtype, "rope q")
+    _close(k, rk, dtype, "rope k")
+    assert torch.equal(qkv[:, heads + kv_heads :], v_before), "rope wrote outside q and k"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype) -> None:
+    inter = 14336 if CUDA else 40
+    x = torch.randn(5, 2 * inter, device=DEV).to(dtype)
+    ref = torch.nn.functional.silu(x[:, :inter]) * x[:, inter:]
+    _close(fused_ops.silu_mul(x), ref, dtype, "silu*mul")
+
+
+def test_launchers_refuse_bad_input() -> None:
+    kc, vc, table = _paged([8, 8], 4, 2, 16, torch.float32, seed=1)
+    q = torch.randn(2, 4, 16, device=DEV)
+    lens = torch.tensor([8, 8], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        paged_attention.paged_decode(q.half(), kc, vc, table, lens)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_attention.paged_decode(q, kc, vc, table.long(), lens)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_attention.paged_decode(torch.randn(2, 3, 16, device=DEV), kc, vc, table, lens)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_attention.paged_decode(torch.randn(2, 4, 8, device=DEV), kc, vc, table, lens)
+    with pytest.raises(ValueError, match="slots must be int64"):
+        cache_ops.write_kv(kc, vc, q[:, :2], q[:, :2], lens)
+    with pytest.raises(ValueError, match="cannot hold"):
+        cache_ops.gather_blocks(kc.contiguous(), torch.tensor([0, 1, 2], device=DEV), kc.contiguous()[:2])
+    with pytest.raises(ValueError, match="gate_up"):
+        fused_ops.silu_mul(torch.randn(2, 3, device=DEV))
