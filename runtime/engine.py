@@ -69,8 +69,9 @@ class LLMEngine:
         self.metrics: Metrics | None = None  # set by a server that exports them
 
     def _make_runner(self, model: LlamaForCausalLM, mcfg: ModelConfig) -> ModelRunner:
-        """Torch attention and eager ops on CPU; on CUDA the Triton backend, fused layer ops and,
-        unless `enforce_eager`, decode through CUDA graphs."""
+        """The torch backend with eager ops (the CPU default); or the Triton backend (the CUDA
+        default, or on CPU under TRITON_INTERPRET) with fused layer ops and, unless
+        `enforce_eager`, decode through the graph runner (captured on CUDA)."""
         if self.cfg.backend_name == "torch":
             return ModelRunner(model, self.kv_cache, TorchAttentionBackend(), self.device)
         backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device)

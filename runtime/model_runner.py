@@ -63,7 +63,7 @@ class ModelRunner:
         self.num_forward_passes = 0
         self.grammar: Any = None  # a GrammarMasker, made on first use (needs the tokenizer)
         self.grammar_factory: Any = None
-        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless eager
+        self.graphs: DecodeGraphs | None = None  # set by the engine for the Triton backend unless eager
         # (request, num_tokens) -> its block ids after growing its table to hold num_tokens, or
         # None when the pool cannot; set by the engine to let decode steps be launched ahead
         self.reserve: Callable[[Request, int], list[int] | None] | None = None
