@@ -43,6 +43,19 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
         raise ValueError("q and the caches must be on one device")
 
 
+def _check_q_out(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None, rows: str
+) -> torch.Tensor:
+    """Checks q (rows, heads, head_dim) against the caches; returns `out`, or a new one like q."""
+    _check_cache(q, k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be ({rows}, heads, head_dim), got {tuple(q.shape)}")
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype with a contiguous head dimension")
+    return out
+
+
 def _check_index(name: str, t: torch.Tensor, dims: int, rows: int) -> None:
     if t.dtype != torch.int32 or t.dim() != dims or t.shape[0] != rows:
         raise ValueError(f"{name} must be int32 with {dims} dims and {rows} rows, got {t.dtype} {tuple(t.shape)}")
@@ -184,17 +197,12 @@ def paged_decode(
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context. Launches no host sync, so it
     can be captured in a CUDA graph (with `num_splits` fixed per graph)."""
-    _check_cache(q, k_cache, v_cache)
-    if q.dim() != 3:
-        raise ValueError(f"q must be (batch, heads, head_dim), got {tuple(q.shape)}")
+    out = _check_q_out(q, k_cache, v_cache, out, "batch")
     batch, heads, head_dim = q.shape
     _check_index("block_tables", block_tables, 2, batch)
     _check_index("context_lens", context_lens, 1, batch)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError("out must match q's shape and dtype with a contiguous head dimension")
     if batch == 0:
         return out
     kv_heads = k_cache.shape[2]
@@ -300,18 +308,13 @@ def paged_prefill(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
-    _check_cache(q, k_cache, v_cache)
-    if q.dim() != 3:
-        raise ValueError(f"q must be (num_tokens, heads, head_dim), got {tuple(q.shape)}")
+    out = _check_q_out(q, k_cache, v_cache, out, "num_tokens")
     num_seqs = block_tables.shape[0]
     _check_index("block_tables", block_tables, 2, num_seqs)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
         _check_index(name, t, 1, num_seqs)
     if max_query_len < 1:
         raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
-    out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError("out must match q's shape and dtype with a contiguous head dimension")
     if num_seqs == 0:
         return out
     tokens, heads, head_dim = q.shape

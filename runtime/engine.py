@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -74,6 +75,9 @@ class LLMEngine:
         `enforce_eager`, decode through the graph runner (captured on CUDA)."""
         if self.cfg.backend_name == "torch":
             return ModelRunner(model, self.kv_cache, TorchAttentionBackend(), self.device)
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention_backend='triton' needs CUDA, or TRITON_INTERPRET=1 to run its "
+                             "kernels in Triton's interpreter on the CPU (slow: tests only)")
         backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device)
         model.ops = TritonOps()
         runner = ModelRunner(model, self.kv_cache, backend, self.device)

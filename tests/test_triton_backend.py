@@ -100,3 +100,9 @@ def test_smollm2_float32_on_gpu_matches_transformers(smol_dir: Path, smol_prompt
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.replays >= 32 * 2 - len(smol_prompts)
     llm.engine.check_integrity()
+
+
+def test_triton_backend_off_cuda_needs_the_interpreter(tiny_llama_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA, or TRITON_INTERPRET=1"):
+        LLM(str(tiny_llama_dir), device="cpu", attention_backend="triton")
