@@ -1,40 +1,65 @@
-"""Agent workload: N concurrent agents x K turns with tool calls, on the in-process engine and
-session layer, against ablations run in the same process.
+"""Agent workload: N concurrent agents x K turns with tool calls, through the session layer, with
+the ablations run in the same process on the same loaded model.
 
-    python bench/agents.py [--agents 6] [--turns 4] [--tool-tokens 250] [--num-blocks 192]
+    python bench/agents.py                     # CPU: SmolLM2, 6 agents x 4 turns
+    python bench/agents.py --preset gpu [--agents 128]   # one GPU: Llama-3-8B shape, dummy bf16
 
-Each agent opens with a task, then each turn decodes --decode-tokens tokens, "calls" a tool whose
-duration is drawn from a heavy-tailed lognormal (mean about --tool-mean-s, capped), appends a
-tool output of about --tool-tokens tokens, and continues. Agents start within --stagger-s.
-The device pool is capped (--num-blocks) so the working set outgrows it.
+Each agent opens a session with a task of --start-tokens tokens (system prompt included), then
+each turn decodes --decode-tokens tokens, "calls" a tool that takes lognormal(--tool-mu,
+--tool-sigma) seconds (capped at --tool-cap-s), gets back about --tool-tokens tokens of output, and
+continues; agents start within --stagger-s. The device KV pool is capped (--kv-cache-gib or
+--num-blocks) so the working set outgrows it.
 
-Configurations: ember (pins with learned TTLs, priority classes, host tier), no_pinning,
-no_priority, and stateless (the whole conversation recomputed every turn: prefix caching off).
-Reports job completion time (mean, p95), time to first token of tool-return turns (p50, p95),
-the prefix-hit ratio and prompt tokens per tier. Writes bench/results/agents.json.
+Configurations (one engine, `LLMEngine.reset` between them):
+- ember: pins with TTLs learned per tool, priority classes, host tier (and Redis with --redis);
+- no_pinning: pins lapse at once (the blocks still go down to the tiers);
+- no_priority: every turn in one class, first come first served;
+- no_host: no host tier (Redis, if any, catches what leaves the device);
+- stateless: a server without sessions: no pins, no priorities, no tiers below the device; the
+  whole conversation is re-sent each turn and only the device prefix cache can help.
+
+Reports per configuration: job completion time (mean, p95), time to first token of turns that
+return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
+carried no prefill), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
+Writes bench/results/agents[-<agents>].json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import random
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Page-lock the host tier's slab in parallel threads (tens of GiB take a while on one).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:True,pinned_num_register_threads:8")
+
+import torch  # noqa: E402
 
 from runtime import LLM, SamplingParams  # noqa: E402
+from runtime.engine import LLMEngine  # noqa: E402
 from runtime.session_engine import SessionEngine  # noqa: E402
 from sessions.session import Session  # noqa: E402
 from sessions.tool_stats import ToolStats  # noqa: E402
 
-TOOLS = {"search": (-1.6, 0.8), "run_tests": (0.0, 1.0)}  # lognormal (mu, sigma) per tool
+CONFIGS = ("ember", "no_pinning", "no_priority", "no_host", "stateless")
+TOOL = "run_tool"
+WORDS = ["file", "line", "error", "passed", "match", "def", "return", "value", "path", "test", "class", "import"]
+GPU_PRESET = dict(model="bench/configs/llama-3-8b.json", load_format="dummy", tokenizer="smollm2-135m",
+                  device="cuda", dtype="bfloat16", agents=128, turns=8, start_tokens=2048, tool_tokens=300,
+                  decode_tokens=64, stagger_s=2.0, kv_cache_gib=24.0, host_cache_gib=64.0, max_num_seqs=256,
+                  redis=True)
 
 
 @dataclass
@@ -44,7 +69,6 @@ class Agent:
     start: float
     turns_left: int
     rng: random.Random
-    request_id: str | None = None
     turn_start: float = 0.0
     tool_return: bool = False
     got_first: bool = False
@@ -61,60 +85,88 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)]
 
 
-def tool_output(rng: random.Random, tokens: int) -> str:
-    words = ["file", "line", "error", "passed", "match", "def", "return", "value", "path", "test"]
-    return " ".join(f"{rng.choice(words)}{rng.randrange(100)}" for _ in range(tokens // 2))
+def text_of(tok: Any, rng: random.Random, tokens: int) -> str:
+    """Random words cut to `tokens` tokens of this tokenizer."""
+    words = " ".join(f"{rng.choice(WORDS)}{rng.randrange(1000)}" for _ in range(tokens))
+    return str(tok.decode(tok(words)["input_ids"][:tokens]))
 
 
-def run(config: str, args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(num_blocks=args.num_blocks, host_cache_gib=2.0, pin_default_ttl_s=args.idle_pin_s)
+def start_redis(maxmemory_gib: float) -> tuple[subprocess.Popen[bytes], str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        sys.exit("redis-server not found: run `make setup`, or pass --redis-url")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", f"{int(maxmemory_gib * 2**30)}", "--maxmemory-policy", "allkeys-lru", "--io-threads", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, Any]:
+    sched = engine.cfg.scheduler
     stats = ToolStats(cap_s=args.tool_cap_s)
-    if config == "no_pinning":
-        kw["pin_default_ttl_s"] = 0.0
+    if config in ("no_pinning", "stateless"):
+        sched = replace(sched, pin_default_ttl_s=0.0)
         stats = ToolStats(cap_s=0.0, floor_s=0.0, default_s=0.0)
-    if config == "stateless":
-        kw["enable_prefix_caching"] = False
-    llm = LLM("smollm2-135m", **kw)
-    engine = llm.engine
-    se = SessionEngine(engine, tool_stats=stats, use_priorities=config != "no_priority")
+    engine.reset(sched, host=config not in ("no_host", "stateless"), redis=config != "stateless")
+    if engine.mover is not None and engine.mover.redis is not None:
+        engine.mover.redis._client.flushall()
+    se = SessionEngine(engine, tool_stats=stats, use_priorities=config not in ("no_priority", "stateless"))
+    tok = engine.tokenizer
     rng = random.Random(args.seed)
-    t0 = time.monotonic()
     agents = []
     for i in range(args.agents):
         s = se.manager.create(f"tenant-{i % 2}")
         s.instructions = "You are a coding agent. Think briefly, then call tools."
-        agents.append(Agent(i, s, t0 + rng.uniform(0, args.stagger_s), args.turns, random.Random(args.seed * 100 + i)))
+        agents.append(Agent(i, s, rng.uniform(0, args.stagger_s), args.turns, random.Random(args.seed * 1000 + i)))
+    # The texts are made before the clock starts (producing them is the clients' work).
+    tasks = {a.idx: f"Task {a.idx}: " + text_of(tok, a.rng, args.start_tokens - 40) for a in agents}
+    outputs = {a.idx: [text_of(tok, a.rng, args.tool_tokens) for _ in range(args.turns)] for a in agents}
+    t0 = time.monotonic()
+    for a in agents:
+        a.start += t0  # (an offset until now)
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
     by_request: dict[str, Agent] = {}
+    step_s: list[float] = []  # engine steps that ran no prompt tokens
 
-    def start_turn(a: Agent, now: float) -> None:
+    def start_turn(a: Agent, since: float) -> None:
         req = se.start_turn(a.session, params)
-        a.request_id, a.turn_start, a.got_first = req.request_id, now, False
+        a.turn_start, a.got_first = since, False
         by_request[req.request_id] = a
 
-    started = set()
+    started: set[int] = set()
+    num_steps = 0
     while any(a.done_at is None for a in agents):
         now = time.monotonic()
         for a in agents:
             if a.idx not in started and now >= a.start:
                 started.add(a.idx)
-                se.append_item(a.session, {"type": "message", "role": "user",
-                                           "content": f"Task {a.idx}: fix the failing test in module {a.idx}."})
+                se.append_item(a.session, {"type": "message", "role": "user", "content": tasks[a.idx]})
                 a.tool_return = False
-                start_turn(a, now)
+                start_turn(a, a.start)
             elif a.tool_due is not None and now >= a.tool_due:
-                a.tool_due = None
+                due, a.tool_due = a.tool_due, None
                 assert a.call is not None
                 se.append_item(a.session, {"type": "function_call_output", "call_id": a.call[0],
-                                           "output": tool_output(a.rng, args.tool_tokens)})
+                                           "output": outputs[a.idx][a.turns_left]})
                 a.tool_return = True
-                start_turn(a, time.monotonic())
+                start_turn(a, due)  # TTFT counts from the tool's return, not from noticing it
         if not engine.has_unfinished:
-            due = [a.tool_due for a in agents if a.tool_due is not None] + [a.start for a in agents if a.idx not in started]
-            if due:
-                time.sleep(max(0.0, min(due) - time.monotonic()))
+            due_at = [a.tool_due for a in agents if a.tool_due is not None] + [a.start for a in agents if a.idx not in started]
+            if due_at:
+                time.sleep(max(0.0, min(due_at) - time.monotonic()))
             continue
-        for out in engine.step():
+        prompt_before = engine.scheduler.stats.num_computed_prompt_tokens
+        ts = time.monotonic()
+        outs = engine.step()
+        num_steps += 1
+        if engine.scheduler.stats.num_computed_prompt_tokens == prompt_before and outs:
+            step_s.append(time.monotonic() - ts)
+        for out in outs:
             a = by_request.get(out.request_id)
             if a is None:
                 continue
@@ -129,51 +181,120 @@ def run(config: str, args: argparse.Namespace) -> dict[str, Any]:
                     se.finish_turn(a.session, out)
                     a.done_at = now
                     continue
-                name = a.rng.choice(sorted(TOOLS))
-                mu, sigma = TOOLS[name]
-                duration = min(args.tool_cap_s, a.rng.lognormvariate(mu, sigma)) * args.tool_scale
-                a.call = (f"call_{a.idx}_{a.turns_left}", name)
+                duration = min(args.tool_cap_s, a.rng.lognormvariate(args.tool_mu, args.tool_sigma)) * args.tool_scale
+                a.call = (f"call_{a.idx}_{a.turns_left}", TOOL)
                 se.finish_turn(a.session, out, [a.call])
                 a.tool_due = now + duration
+    wall = time.monotonic() - t0
     jct = [a.done_at - a.start for a in agents if a.done_at is not None]
     ttft = [t for a in agents for t in a.ttfts]
+    decode_step = statistics.median(step_s) if step_s else float("nan")
     tiers = engine.scheduler.stats.prompt_tokens_by_tier
     prompt = sum(tiers.values())
-    res = {
+    mv = engine.mover
+    res: dict[str, Any] = {
         "config": config, "jct_mean_s": statistics.mean(jct), "jct_p95_s": pct(jct, 0.95),
         "tool_ttft_p50_s": pct(ttft, 0.5), "tool_ttft_p95_s": pct(ttft, 0.95),
+        "decode_step_s": decode_step,
+        "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
         "prefix_hit_ratio": (prompt - tiers["recomputed"]) / prompt if prompt else 0.0,
-        "prompt_tokens_by_tier": dict(tiers), "preemptions": engine.scheduler.stats.num_preemptions,
-        "pin_expiries": engine.kv_manager.num_pin_expiries, "steps": engine.scheduler.stats.num_steps,
-        "moved_blocks": dict(engine.mover.stats.loaded_blocks or {}) if engine.mover else {},
+        "prompt_tokens_by_tier": dict(tiers),
+        "hit_ratio_by_tier": {k: v / prompt for k, v in tiers.items()} if prompt else {},
+        "preemptions": engine.scheduler.stats.num_preemptions,
+        "pin_reclaims": engine.scheduler.stats.num_pin_reclaims,
+        "pin_expiries": engine.kv_manager.num_pin_expiries, "steps": num_steps, "wall_s": wall,
     }
-    llm.close()
+    if mv is not None:
+        mv.synchronize()
+        mv.flush()
+        st = mv.stats
+        res["bytes_loaded"] = dict(st.loaded_bytes or {})
+        res["load_GBps"] = {k: (st.loaded_bytes or {})[k] / s / 1e9 for k, s in (st.load_seconds or {}).items() if s > 0}
+        res["bytes_to_host"] = (st.offloaded_to_host + st.demoted_to_host) * mv.block_bytes
+        res["bytes_to_redis"] = st.written_to_redis * mv.block_bytes
+        res["redis_writes_dropped"] = st.writes_dropped
+        res["redis_fetches"] = st.fetches
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer directory or smollm2-135m (dummy models)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--agents", type=int, default=6)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--start-tokens", type=int, default=120)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--tool-tokens", type=int, default=250)
+    ap.add_argument("--tool-mu", type=float, default=-0.5)
+    ap.add_argument("--tool-sigma", type=float, default=1.0)
     ap.add_argument("--tool-scale", type=float, default=1.0, help="multiplies every tool duration")
     ap.add_argument("--tool-cap-s", type=float, default=10.0)
     ap.add_argument("--idle-pin-s", type=float, default=5.0)
     ap.add_argument("--stagger-s", type=float, default=1.0)
     ap.add_argument("--num-blocks", type=int, default=160)
+    ap.add_argument("--kv-cache-gib", type=float, default=None, help="device KV pool (instead of --num-blocks)")
+    ap.add_argument("--host-cache-gib", type=float, default=2.0)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--redis", action="store_true", help="start a redis-server beside the engine (write-back tier)")
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--redis-maxmemory-gib", type=float, default=16.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default="ember,no_pinning,no_priority,stateless")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "agents.json"))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows = [run(c, args) for c in args.configs.split(",")]
-    print(f"{'config':12} {'JCT mean':>9} {'JCT p95':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'hit':>5}  tokens by tier")
+    if args.preset == "gpu":  # the reference workload, unless a flag given on the command line says otherwise
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+        for k, v in GPU_PRESET.items():
+            if k not in given:
+                setattr(args, k, v)
+    proc, url = None, args.redis_url
+    if args.redis and url is None:
+        proc, url = start_redis(args.redis_maxmemory_gib)
+    kw: dict[str, Any] = dict(
+        load_format=args.load_format, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+        host_cache_gib=args.host_cache_gib, pin_default_ttl_s=args.idle_pin_s, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens, redis_url=url,
+        write_policy="write_back" if url else None)
+    if args.kv_cache_gib is not None:
+        kw["kv_cache_gib"] = args.kv_cache_gib
+    else:
+        kw["num_blocks"] = args.num_blocks
+    try:
+        t0 = time.monotonic()
+        llm = LLM(args.model, **kw)
+        setup_s = time.monotonic() - t0
+        engine = llm.engine
+        print(f"engine ready in {setup_s:.1f} s: {engine.kv_cache.num_blocks} device blocks of "
+              f"{engine.kv_cache.bytes_per_block / 2**20:.2f} MiB", flush=True)
+        rows = []
+        for c in args.configs.split(","):
+            rows.append(run(engine, c, args))
+            r = rows[-1]
+            print(f"{c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
+                  f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
+                  f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s", flush=True)
+        llm.close()
+    finally:
+        if proc is not None:
+            proc.kill()
+    print(f"\n{'config':12} {'JCT mean':>9} {'JCT p95':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'steps50':>7} {'hit':>5}  tokens by tier")
     for r in rows:
         print(f"{r['config']:12} {r['jct_mean_s']:9.2f} {r['jct_p95_s']:8.2f} {r['tool_ttft_p50_s']:9.3f} "
-              f"{r['tool_ttft_p95_s']:9.3f} {r['prefix_hit_ratio']:5.2f}  {r['prompt_tokens_by_tier']}")
-    meta = {"machine": platform.platform(), "args": vars(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+              f"{r['tool_ttft_p95_s']:9.3f} {r['tool_ttft_p50_steps']:7.1f} {r['prefix_hit_ratio']:5.2f}  {r['prompt_tokens_by_tier']}")
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    meta = {"machine": platform.platform(), "card": card, "torch": torch.__version__, "setup_s": setup_s,
+            "args": vars(args)}
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        "agents.json" if args.preset == "cpu" else f"agents-{args.agents}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """KV restore throughput from host RAM and from Redis against recomputing, by context length.
 
-    python bench/tiers.py [--lengths 256,512,...,32768] [--redis-url URL]
+    python bench/tiers.py                 # CPU: SmolLM2-135M shape, dummy float32, to 32k tokens
+    python bench/tiers.py --preset gpu    # one GPU: Llama-3-8B shape, dummy bf16, to 8k tokens
 
-Model: the SmolLM2-135M architecture with dummy weights and a 32k context (46 KiB of float32 KV a
-token). For each context length it times, in one process:
+For each context length it times, in one process:
 - recompute: the engine's time to first token for that prompt, cold (prefill of every token);
-- host: restoring that many tokens' blocks from the host tier into the device cache (the mover's
-  load path, the one requests take);
-- redis: a pipelined fetch of the blocks from Redis (decode and checksum included) plus the copy
-  into the device cache.
-It reports each as seconds and GB/s, and the crossover: the shortest context from which a restore
-beats recomputing. Recompute is measured up to --max-recompute tokens; past that (a 2-core CPU
-needs over an hour for 32k) it is reported as a lower bound, the measured rate at the cap applied
-linearly (prefill cost grows at least linearly with the context). Without --redis-url it starts redis-server on a free loopback port.
-Writes bench/results/tiers.json.
+- host: restoring that many tokens' blocks from the host tier into the device cache through the
+  mover's load path, the one requests take (on CUDA: block copies on the copy stream out of the
+  pinned host slab, timed to the end of the last copy);
+- redis: the tier's pipelined fetch of the blocks (parallel sockets, checksums checked, into pinned
+  staging) plus the copies into the device cache.
+It reports each as seconds and GB/s, the host restore against the pinned host-to-device bandwidth
+measured in the same run (GPU), and the crossover: the shortest context from which a restore beats
+recomputing. Recompute is measured up to --max-recompute tokens; past that it is reported as a
+lower bound (the rate at the cap applied linearly). Without --redis-url it starts redis-server on a
+free loopback port. Writes bench/results/tiers[-gpu].json.
 """
 from __future__ import annotations
 
@@ -21,18 +22,20 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Page-lock the host tier's slab in parallel threads (tens of GiB take a while on one).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:True,pinned_num_register_threads:8")
 
+import torch  # noqa: E402
+
+from bench.agents import start_redis  # noqa: E402
 from runtime import LLM, SamplingParams  # noqa: E402
 
 SMOLLM2_32K = {
@@ -41,90 +44,137 @@ SMOLLM2_32K = {
     "vocab_size": 49152, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
     "rope_theta": 100000.0, "initializer_range": 0.02, "eos_token_id": 2, "bos_token_id": 1,
 }
+LLAMA3_8B = Path(__file__).parent / "configs" / "llama-3-8b.json"
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server not found: run `make setup`, or pass --redis-url")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
+def pinned_h2d_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of one large copy from pinned host memory to the device (median of 5)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(6):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return nbytes / statistics.median(times[1:])
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--lengths", default=None, help="context lengths (default: to 32768 on CPU, 8192 on GPU)")
     ap.add_argument("--redis-url", default=None)
-    ap.add_argument("--max-recompute", type=int, default=8192)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tiers.json"))
+    ap.add_argument("--redis-connections", type=int, default=4)
+    ap.add_argument("--max-recompute", type=int, default=None)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    gpu = args.preset == "gpu"
+    lengths = [int(x) for x in (args.lengths or ("256,512,1024,2048,4096,8192" if gpu else
+                                                   "256,512,1024,2048,4096,8192,16384,32768")).split(",")]
+    max_recompute = args.max_recompute or (8192 if gpu else 8192)
     proc = None
     url = args.redis_url
     if url is None:
-        proc, url = start_redis()
-    cfg_dir = Path(tempfile.mkdtemp())
-    (cfg_dir / "config.json").write_text(json.dumps(SMOLLM2_32K))
+        proc, url = start_redis(64.0)
+    if gpu:
+        model, kw = str(LLAMA3_8B), dict(device="cuda", dtype="bfloat16")
+    else:
+        cfg_dir = Path(tempfile.mkdtemp())
+        (cfg_dir / "config.json").write_text(json.dumps(SMOLLM2_32K))
+        model, kw = str(cfg_dir / "config.json"), {}
     try:
         max_len = max(lengths)
-        llm = LLM(str(cfg_dir / "config.json"), load_format="dummy", num_blocks=max_len // 16 + 64,
-                  host_cache_gib=max_len * 46080 * 1.1 / 2**30, redis_url=url, write_policy="write_back")
+        bw = pinned_h2d_bandwidth() if gpu else None
+        c = json.loads(Path(model).read_text())
+        per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * (2 if gpu else 4)
+        llm = LLM(model, load_format="dummy", num_blocks=max_len // 16 + 64, host_cache_gib=max_len * per_token * 1.05 / 2**30,
+                  redis_url=url, write_policy="write_back", redis_connections=args.redis_connections,
+                  max_num_batched_tokens=max(2048, max_len), **kw)
         engine = llm.engine
-        mover = engine.mover
-        assert mover is not None and mover.host is not None and mover.redis is not None
-        block_bytes = mover.block_bytes
+        kv = engine.kv_cache.data
+        cuda = kv.is_cuda
+        block_bytes = engine.kv_cache.bytes_per_block
         rows = []
         for L in lengths:
+            mover = engine.mover  # (a new one after each reset)
+            assert mover is not None and mover.host is not None and mover.redis is not None
             n = L // 16
             hashes = [os.urandom(16) for _ in range(n)]
             ids = list(range(n))
-            # Random content: restores must move real bytes, not a page of zeros.
-            src = torch.randn(n, *engine.kv_cache.data.shape[1:], dtype=engine.kv_cache.data.dtype)
-            mover.host.put_many(list(zip(hashes, src)))
+            # Random content (restores must move real bytes), written down to host by the
+            # mover's own demote path and to Redis by the tier's writer path.
+            kv[:n].uniform_(-1, 1) if cuda else kv[:n].normal_()
+            expect = kv[n - 1].clone()
+            for h, i in zip(hashes, ids):
+                mover.demote(h, i)
+            mover.synchronize()
+            t0 = time.perf_counter()
+            mover.redis.put_many([(h, mover.host.get_many([h])[0]) for h in hashes])  # type: ignore[misc]
+            put_s = time.perf_counter() - t0
+            kv[:n].zero_()
+            sync(cuda)
             t0 = time.perf_counter()
             loaded = mover.load("bench", [(h, "host") for h in hashes], ids)
+            mover.synchronize()
             host_s = time.perf_counter() - t0
-            assert loaded == n and torch.equal(engine.kv_cache.data[n - 1], src[n - 1])
-            mover.redis.put_many(list(zip(hashes, src)))
+            assert loaded == n and torch.equal(kv[n - 1], expect)
+            kv[:n].zero_()
+            sync(cuda)
             t0 = time.perf_counter()
             got = mover.redis.get_many(hashes)
             for i, blk in zip(ids, got):
                 assert blk is not None
-                engine.kv_cache.data[i].copy_(blk)
+                kv[i].copy_(blk, non_blocking=cuda)
+            sync(cuda)
             redis_s = time.perf_counter() - t0
+            assert torch.equal(kv[n - 1], expect)
             mover.redis.delete_many(hashes)
-            for h in hashes:  # leave the host tier empty for the next length
-                mover.host._index.pop(h, None)
-            mover.host._free = list(range(mover.host.num_slots - 1, -1, -1))
-            measured = L <= args.max_recompute
+            mover.host.clear()
+            measured = L <= max_recompute
             if measured:
-                prompt = torch.randint(3, 49152, (L - 1,)).tolist()
+                prompt = torch.randint(3, 32000, (L - 1,)).tolist()
+                llm.generate([prompt[:64]], SamplingParams(max_tokens=1))  # warm
+                sync(cuda)
                 t0 = time.perf_counter()
                 llm.generate([prompt], SamplingParams(max_tokens=1))
+                sync(cuda)
                 recompute_s = time.perf_counter() - t0
                 rate = L / recompute_s
+                engine.reset()  # drop the prompt's cached blocks (and their host copies)
             else:
                 recompute_s = L / rate  # lower bound from the last measured rate
             nbytes = n * block_bytes
-            row = {"tokens": L, "bytes": nbytes, "recompute_s": recompute_s, "recompute_measured": measured,
-                   "host_s": host_s, "redis_s": redis_s,
-                   "host_GBps": nbytes / host_s / 1e9, "redis_GBps": nbytes / redis_s / 1e9,
-                   "recompute_tok_s": L / recompute_s}
+            row: dict[str, Any] = {
+                "tokens": L, "bytes": nbytes, "recompute_s": recompute_s, "recompute_measured": measured,
+                "host_s": host_s, "redis_s": redis_s, "redis_put_s": put_s,
+                "host_GBps": nbytes / host_s / 1e9, "redis_GBps": nbytes / redis_s / 1e9,
+                "redis_put_GBps": nbytes / put_s / 1e9, "recompute_tok_s": L / recompute_s}
+            if bw:
+                row["host_of_pinned_bw"] = nbytes / host_s / bw
             rows.append(row)
-            print(f"{L:>6} tokens {nbytes / 2**20:8.1f} MiB  recompute {'' if measured else '>'}{recompute_s:8.3f}s  "
-                  f"host {host_s:7.4f}s ({row['host_GBps']:.2f} GB/s)  redis {redis_s:7.4f}s ({row['redis_GBps']:.2f} GB/s)",
-                  flush=True)
+            of_pinned = f", {row['host_of_pinned_bw']:.0%} of pinned" if bw else ""
+            print(f"{L:>6} tokens {nbytes / 2**20:8.1f} MiB  recompute {'' if measured else '>'}{recompute_s:8.4f}s  "
+                  f"host {host_s:7.4f}s ({row['host_GBps']:.2f} GB/s{of_pinned})  "
+                  f"redis {redis_s:7.4f}s ({row['redis_GBps']:.2f} GB/s; put {row['redis_put_GBps']:.2f})", flush=True)
         cross = {t: next((r["tokens"] for r in rows if r[f"{t}_s"] < r["recompute_s"]), None) for t in ("host", "redis")}
         print("crossover (shortest context where the restore beats recompute):", cross)
+        if bw:
+            print(f"pinned host-to-device bandwidth: {bw / 1e9:.1f} GB/s")
         meta = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "block_bytes": block_bytes, "model": "SmolLM2-135M shape, dummy float32 weights, 32k context"}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "crossover": cross}, indent=2))
+                "block_bytes": block_bytes, "pinned_h2d_Bps": bw, "redis_connections": args.redis_connections,
+                "card": torch.cuda.get_device_name() if cuda else None,
+                "model": "Llama-3-8B shape, dummy bf16" if gpu else "SmolLM2-135M shape, dummy float32 weights, 32k context"}
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("tiers-gpu.json" if gpu else "tiers.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "crossover": cross}, indent=2))
         llm.close()
     finally:
         if proc is not None:

@@ -21,6 +21,9 @@ class _Entry:
     blocks: list[Block] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0  # blocks[:num_cached_blocks] are registered in the prefix index
+    # Loaded blocks whose copies are still in flight: (hash, block), registered once they land
+    # (until then no other request may find them, so none computes on them early).
+    restoring: list[tuple[bytes, Block]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ class KVCacheManager:
         self.mover = mover if enable_prefix_caching else None
         if self.mover is not None:
             mv = self.mover
-            self.pool.on_evict = lambda b: mv.demote(b.block_hash, b.block_id)  # type: ignore[arg-type]
+            self.pool.on_evict = lambda b: mv.evicted(b.block_hash, b.block_id)  # type: ignore[arg-type]
         self._entries: dict[str, _Entry] = {}
         self.stats = PrefixStats()
         # Session pins: an owner (a session) keeps references on its computed blocks between
@@ -137,9 +140,10 @@ class KVCacheManager:
         """Grow the request's table to hold `num_tokens` tokens, first adopting `match`.
 
         Device blocks of the match are shared (ref counts up); its lower blocks are copied into new
-        device blocks and registered as cached. If a lower block vanished meanwhile, the match is
-        cut there (`match.lower` shrinks) and the rest is left to recompute. All or nothing:
-        returns False and changes nothing when the pool cannot supply the blocks.
+        device blocks and registered as cached once the copies land (see `restore_ready`). If a
+        lower block vanished meanwhile, the match is cut there (`match.lower` shrinks) and the rest
+        is left to recompute. All or nothing: returns False and changes nothing when the pool
+        cannot supply the blocks.
         """
         entry = self._entry(request_id)
         prefix = match.device if match else []
@@ -162,10 +166,23 @@ class KVCacheManager:
             assert self.mover is not None
             targets = entry.blocks[len(prefix) : len(prefix) + len(lower)]
             n = self.mover.load(request_id, lower, [b.block_id for b in targets])
-            for (h, _), block in zip(lower[:n], targets):
-                self.pool.cache(block, h)
             match.lower = lower[:n]
-            entry.num_cached_blocks = len(prefix) + n
+            entry.restoring = [(h, block) for (h, _), block in zip(lower[:n], targets)]
+            self.restore_ready(request_id)
+        return True
+
+    def restore_ready(self, request_id: str) -> bool:
+        """Whether the request's loaded blocks have landed on the device (they are then cached)."""
+        entry = self._entries.get(request_id)
+        if entry is None or not entry.restoring:
+            return True
+        assert self.mover is not None
+        if not self.mover.restore_ready(request_id):
+            return False
+        for h, block in entry.restoring:
+            self.pool.cache(block, h)
+        entry.num_cached_blocks += len(entry.restoring)
+        entry.restoring = []
         return True
 
     def cache_blocks(
@@ -197,6 +214,10 @@ class KVCacheManager:
         entry = self._entries.get(request_id)
         if entry is None:
             return
+        if entry.restoring:
+            assert self.mover is not None
+            self.mover.drop_restore(request_id)
+            entry.restoring = []
         self.pool.release(reversed(entry.blocks))
         entry.blocks = []
         entry.num_cached_blocks = 0

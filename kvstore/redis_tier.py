@@ -15,11 +15,13 @@ import struct
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import xxhash
 
+from kvstore.resp import Connection, ConnectionPool, Endpoint, command, split
 from kvstore.tiers import KVTier
 
 log = logging.getLogger("ember.redis")
@@ -31,9 +33,15 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sH16sHHHHBQQ")
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 SECRET_KEY = b"ember:kv-secret"
+Encoded = tuple[bytes, memoryview]  # (header, payload)
 
 # Decoded payloads alias the received bytes; they are only ever copied from, never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 class CorruptBlock(ValueError):
@@ -61,33 +69,41 @@ class BlockFormat:
     def payload_bytes(self) -> int:
         return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
-    def encode(self, block: torch.Tensor) -> bytearray:
-        """Header + payload in one buffer (the payload copied once from `block`, a CPU tensor)."""
-        payload = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-        out = bytearray(HEADER.size + payload.nbytes)
-        out[HEADER.size :] = payload.data
-        checksum = xxhash.xxh3_64_intdigest(memoryview(out)[HEADER.size :])
-        HEADER.pack_into(
-            out, 0, MAGIC, FORMAT_VERSION, self.digest, self.num_layers, self.num_kv_heads,
-            self.head_dim, self.block_size, DTYPE_CODES[self.dtype], payload.nbytes, checksum,
-        )
-        return out
+    def payload_view(self, block: torch.Tensor) -> memoryview:
+        """The bytes of `block` (a contiguous CPU tensor), without copying them."""
+        return bytes_of(block.contiguous())
 
-    def decode(self, data: bytes) -> torch.Tensor:
-        """The block in `data`; raises CorruptBlock saying what does not match."""
-        if len(data) < HEADER.size:
-            raise CorruptBlock(f"value of {len(data)} bytes is shorter than the header")
-        magic, version, digest, layers, heads, hdim, bs, dtype, nbytes, checksum = HEADER.unpack_from(data)
+    def header(self, payload: memoryview) -> bytes:
+        return HEADER.pack(
+            MAGIC, FORMAT_VERSION, self.digest, self.num_layers, self.num_kv_heads, self.head_dim,
+            self.block_size, DTYPE_CODES[self.dtype], len(payload), xxhash.xxh3_64_intdigest(payload),
+        )
+
+    def encode(self, block: torch.Tensor) -> bytes:
+        """Header + payload as one value (the block client sends the two parts without joining)."""
+        payload = self.payload_view(block)
+        return self.header(payload) + payload.tobytes()
+
+    def check(self, header: bytes | bytearray | memoryview, payload: memoryview) -> None:
+        """Raises CorruptBlock saying what in (header, payload) does not match this format."""
+        if len(header) < HEADER.size:
+            raise CorruptBlock(f"value of {len(header)} bytes is shorter than the header")
+        magic, version, digest, layers, heads, hdim, bs, dtype, nbytes, checksum = HEADER.unpack_from(header)
         if magic != MAGIC or version != FORMAT_VERSION:
             raise CorruptBlock(f"bad magic/version {magic!r}/{version}")
         if digest != self.digest:
             raise CorruptBlock("block was written for another model fingerprint")
         if (layers, heads, hdim, bs, dtype) != (self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, DTYPE_CODES[self.dtype]):
             raise CorruptBlock("block geometry differs from this model's")
-        if nbytes != self.payload_bytes or len(data) != HEADER.size + nbytes:
-            raise CorruptBlock(f"payload is {len(data) - HEADER.size} bytes, header says {nbytes}, expected {self.payload_bytes}")
-        if xxhash.xxh3_64_intdigest(memoryview(data)[HEADER.size :]) != checksum:
+        if nbytes != self.payload_bytes or len(payload) != nbytes:
+            raise CorruptBlock(f"payload is {len(payload)} bytes, header says {nbytes}, expected {self.payload_bytes}")
+        if xxhash.xxh3_64_intdigest(payload) != checksum:
             raise CorruptBlock("payload checksum mismatch")
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """The block in `data` (a view of it); raises CorruptBlock saying what does not match."""
+        view = memoryview(data)
+        self.check(view[: HEADER.size], view[HEADER.size :])
         flat = torch.frombuffer(data, dtype=torch.uint8, offset=HEADER.size)
         return flat.view(self.dtype).view(self.shape)
 
@@ -118,18 +134,30 @@ def make_client(url: str, timeout_s: float) -> Any:
 
 
 class RedisTier(KVTier):
+    """Blocks in Redis. Payloads of plain redis:// and unix:// servers travel over the block
+    client (kvstore/resp.py: `connections` sockets in parallel, values read straight into a pinned
+    staging buffer); cluster and TLS servers use redis-py pipelines. Control operations (ping,
+    exists, delete, the shared secret) always use redis-py."""
+
     name = "redis"
 
     def __init__(
-        self, url: str, fmt: BlockFormat, ttl_s: int | None = None, timeout_s: float = 5.0, retry_interval_s: float = 1.0
+        self, url: str, fmt: BlockFormat, ttl_s: int | None = None, timeout_s: float = 5.0,
+        retry_interval_s: float = 1.0, connections: int = 4, pin: bool = False,
     ) -> None:
         self.url = url
         self.fmt = fmt
         self.ttl_s = ttl_s
         self.retry_interval_s = retry_interval_s
+        self.pin = pin  # staging buffers in page-locked memory (for asynchronous device copies)
         self.stats = RedisStats()
         self._prefix = b"ember:kv:" + fmt.digest.hex().encode() + b":"
         self._client = make_client(url, timeout_s)
+        self._fast = url.startswith(("redis://", "unix://"))
+        if self._fast:
+            ep = Endpoint.from_url(url)
+            self._readers = ConnectionPool(ep, connections, timeout_s)
+            self._writers = ConnectionPool(ep, connections, timeout_s)
         self._down = False
         self._next_try = 0.0
         self._secret: bytes | None = None  # re-published when Redis comes back empty
@@ -150,7 +178,7 @@ class RedisTier(KVTier):
             return fallback
         try:
             result = fn(self._client)
-        except (redis.RedisError, OSError) as e:
+        except (redis.RedisError, OSError) as e:  # (RespError is an OSError too)
             self.stats.errors += 1
             if not self._down:
                 self._down = True
@@ -172,56 +200,108 @@ class RedisTier(KVTier):
     def _pipeline(self, client: Any) -> Any:
         return client.pipeline(transaction=False)
 
-    def put_encoded(self, items: Sequence[tuple[bytes, bytes | bytearray]]) -> int:
-        """Store already-encoded values (the mover encodes on its own thread)."""
+    def encode(self, block: torch.Tensor) -> Encoded:
+        """(header, payload view) of a CPU block: the payload is not copied, so `block` must stay
+        unchanged until `put_encoded` returns."""
+        payload = self.fmt.payload_view(block)
+        return self.fmt.header(payload), payload
+
+    def put_encoded(self, items: Sequence[tuple[bytes, Encoded]]) -> int:
+        """Store encoded blocks (the mover encodes on its own thread); returns how many."""
         if not items:
             return 0
+        ex = [b"EX", str(self.ttl_s).encode()] if self.ttl_s else []
+
+        def send(conn: Connection, *, part: Sequence[tuple[bytes, Encoded]]) -> None:
+            for h, (head, payload) in part:
+                n = len(head) + len(payload)
+                key = self.key(h)
+                pre = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (3 + len(ex), len(key), key, n)
+                tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in ex)
+                conn.send([pre, head, payload, tail])
+            for _ in part:
+                conn.read_simple()
 
         def run(c: Any) -> int:
-            pipe = self._pipeline(c)
-            for h, value in items:
-                pipe.set(self.key(h), value, ex=self.ttl_s)
-            pipe.execute()
+            if self._fast:
+                parts = split(len(items), len(self._writers.conns))
+                self._writers.map([partial(send, part=items[r.start : r.stop]) for r in parts])
+            else:
+                pipe = self._pipeline(c)
+                for h, (head, payload) in items:
+                    pipe.set(self.key(h), head + bytes(payload), ex=self.ttl_s)
+                pipe.execute()
             return len(items)
 
         n = self._guard(run, 0)
         self.stats.writes += n
-        self.stats.bytes_written += sum(len(v) for _, v in items) if n else 0
+        self.stats.bytes_written += sum(len(head) + len(p) for _, (head, p) in items) if n else 0
         return n
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
-        return self.put_encoded([(h, self.fmt.encode(t)) for h, t in items])
+        return self.put_encoded([(h, self.encode(t)) for h, t in items])
+
+    def _read(self, hashes: Sequence[bytes], out: torch.Tensor) -> tuple[list[int], list[bytearray]]:
+        """Each value's payload into `out[i]`; returns each value's length (-1: missing) and
+        header. A value of the wrong length is skipped and reported by its length."""
+        heads = [bytearray(HEADER.size) for _ in hashes]
+        lengths = [-1] * len(hashes)
+        rows = [bytes_of(out[i]) for i in range(len(hashes))]
+        expect = HEADER.size + self.fmt.payload_bytes
+
+        def fetch(conn: Connection, *, r: range) -> None:
+            conn.send([b"".join(command(b"GET", self.key(hashes[i])) for i in r)])
+            for i in r:
+                def sink(n: int, i: int = i) -> tuple[memoryview, memoryview] | None:
+                    return (memoryview(heads[i]), rows[i]) if n == expect else None
+                lengths[i] = conn.read_bulk(sink)
+
+        if self._fast:
+            parts = split(len(hashes), len(self._readers.conns))
+            self._readers.map([partial(fetch, r=r) for r in parts])
+            return lengths, heads
+        pipe = self._pipeline(self._client)
+        for h in hashes:
+            pipe.get(self.key(h))
+        for i, value in enumerate(pipe.execute()):
+            if value is None:
+                continue
+            lengths[i] = len(value)
+            if len(value) == expect:
+                heads[i][:] = value[: HEADER.size]
+                rows[i][:] = memoryview(value)[HEADER.size :]
+        return lengths, heads
 
     def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """Blocks as views of one freshly allocated staging tensor (pinned when `pin`)."""
         if not hashes:
             return []
-
-        def run(c: Any) -> list[Any]:
-            pipe = self._pipeline(c)
-            for h in hashes:
-                pipe.get(self.key(h))
-            return list(pipe.execute())
-
-        raw = self._guard(run, [None] * len(hashes))
-        out: list[torch.Tensor | None] = []
+        # (n, payload bytes) in uint8; viewed as blocks once checked
+        out = torch.empty((len(hashes), self.fmt.payload_bytes), dtype=torch.uint8, pin_memory=self.pin)
+        none: tuple[list[int], list[bytearray]] = ([-1] * len(hashes), [])
+        lengths, heads = self._guard(lambda c: self._read(hashes, out), none)
+        blocks: list[torch.Tensor | None] = []
         bad: list[bytes] = []
-        for h, value in zip(hashes, raw):
-            if value is None:
+        for i, (h, n) in enumerate(zip(hashes, lengths)):
+            if n < 0:
                 self.stats.misses += 1
-                out.append(None)
+                blocks.append(None)
                 continue
             try:
-                out.append(self.fmt.decode(value))
+                if n != HEADER.size + self.fmt.payload_bytes:
+                    raise CorruptBlock(f"value is {n} bytes, expected {HEADER.size + self.fmt.payload_bytes}")
+                self.fmt.check(heads[i], bytes_of(out[i]))
+                blocks.append(out[i].view(self.fmt.dtype).view(self.fmt.shape))
                 self.stats.hits += 1
-                self.stats.bytes_read += len(value)
+                self.stats.bytes_read += n
             except CorruptBlock as e:
                 self.stats.corrupt += 1
                 log.warning("discarding Redis block %s: %s", h.hex(), e)
                 bad.append(h)
-                out.append(None)
+                blocks.append(None)
         if bad:
             self.delete_many(bad)
-        return out
+        return blocks
 
     def delete_many(self, hashes: Sequence[bytes]) -> None:
         def run(c: Any) -> None:
@@ -256,6 +336,9 @@ class RedisTier(KVTier):
         return secret
 
     def close(self) -> None:
+        if self._fast:
+            self._readers.close()
+            self._writers.close()
         try:
             self._client.close()
         except Exception:  # closing a dead connection has nothing left to report

@@ -5,6 +5,7 @@ device cache is block-major, so this is a single contiguous copy in either direc
 """
 from __future__ import annotations
 
+import queue
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -39,10 +40,12 @@ class KVTier(ABC):
 class HostTier(KVTier):
     """Host RAM: one preallocated slab of block slots (pinned when the device is CUDA), LRU.
 
-    Invariants: every slot is either free or holds exactly one hash; ``len(index) + len(free)``
-    equals the slot count, so the slab never grows past its capacity. When a put needs a slot and
-    none is free, the least recently used block is evicted, handed first to `on_evict` (write-back
-    to the tier below).
+    Invariants: every slot is free, holds exactly one hash, or is lent; ``len(index) + len(free)
+    + lent`` equals the slot count, so the slab never grows past its capacity. When a put needs a
+    slot and none is free, the least recently used block is evicted and handed to
+    `on_evict(hash, block, slot)` (write-back to the tier below). If that returns True, the slot
+    is lent to it: its bytes are read in place (no copy) and the slot is reused only after
+    `give_back(slot)`, which any thread may call.
     """
 
     name = "host"
@@ -53,7 +56,7 @@ class HostTier(KVTier):
         block_shape: tuple[int, ...],
         dtype: torch.dtype,
         pin: bool = False,
-        on_evict: Callable[[bytes, torch.Tensor], None] | None = None,
+        on_evict: Callable[[bytes, torch.Tensor, int], bool] | None = None,
     ) -> None:
         block_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size()
         self.num_slots = max(0, capacity_bytes // block_bytes)
@@ -64,6 +67,8 @@ class HostTier(KVTier):
         self._free = list(range(self.num_slots - 1, -1, -1))
         self.on_evict = on_evict
         self.num_evictions = 0
+        self.num_lent = 0
+        self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()  # given back, not yet free
 
     def __len__(self) -> int:
         return len(self._index)
@@ -81,17 +86,34 @@ class HostTier(KVTier):
                 self._index.move_to_end(h)
                 stored += 1
                 continue
-            if self._free:
-                slot = self._free.pop()
-            else:
-                old, slot = self._index.popitem(last=False)
-                self.num_evictions += 1
-                if self.on_evict is not None:
-                    self.on_evict(old, self.slab[slot])
-            self.slab[slot].copy_(block, non_blocking=False)
+            slot = self._take_slot()
+            if slot is None:
+                break  # every slot is lent out
+            # Asynchronous from a device block into a pinned slot: the caller orders it by stream.
+            self.slab[slot].copy_(block, non_blocking=block.is_cuda)
             self._index[h] = slot
             stored += 1
         return stored
+
+    def _take_slot(self) -> int | None:
+        while True:
+            while not self._returned.empty():
+                self._free.append(self._returned.get_nowait())
+                self.num_lent -= 1
+            if self._free:
+                return self._free.pop()
+            if not self._index:
+                return None
+            old, slot = self._index.popitem(last=False)
+            self.num_evictions += 1
+            if self.on_evict is not None and self.on_evict(old, self.slab[slot], slot):
+                self.num_lent += 1
+                continue
+            return slot
+
+    def give_back(self, slot: int) -> None:
+        """A lent slot may be reused (thread-safe)."""
+        self._returned.put(slot)
 
     def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
@@ -107,6 +129,14 @@ class HostTier(KVTier):
     def contains_many(self, hashes: Sequence[bytes]) -> list[bool]:
         return [h in self._index for h in hashes]
 
+    def clear(self) -> None:
+        """Forget every block (the slab is kept; call when no slot is lent)."""
+        assert self.num_lent == self._returned.qsize(), "clearing while slots are lent"
+        self._returned = queue.SimpleQueue()
+        self.num_lent = 0
+        self._index.clear()
+        self._free = list(range(self.num_slots - 1, -1, -1))
+
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Mark blocks most recently used, so that imminent evictions take others first."""
         for h in hashes:
@@ -117,4 +147,6 @@ class HostTier(KVTier):
         slots = list(self._index.values())
         assert len(set(slots)) == len(slots), "two hashes share a host slot"
         assert not set(slots) & set(self._free), "a host slot is both used and free"
-        assert len(slots) + len(self._free) == self.num_slots, "host slots leaked"
+        returned = self._returned.qsize()
+        assert len(slots) + len(self._free) + self.num_lent == self.num_slots, "host slots leaked"
+        assert returned <= self.num_lent, "more slots given back than lent"

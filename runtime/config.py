@@ -132,8 +132,17 @@ class TierConfig:
     host_bandwidth: float | None = None
     redis_bandwidth: float | None = None
     max_pending_write_mib: int = 256
+    # When a block reaches host RAM: "compute" (as soon as it is computed: the copy overlaps
+    # compute, and evicting it later costs nothing), "evict" (when the device pool reuses it), or
+    # "auto" (compute on CUDA, evict on CPU, where host RAM and the device pool are the same RAM).
+    host_offload: str = "auto"
+    redis_connections: int = 4  # parallel sockets for block reads (and as many for writes)
 
     def validate(self) -> None:
+        if self.host_offload not in ("auto", "compute", "evict"):
+            raise ValueError(f"host_offload must be 'auto', 'compute' or 'evict', got {self.host_offload!r}")
+        if self.redis_connections < 1:
+            raise ValueError(f"redis_connections must be positive, got {self.redis_connections}")
         if self.host_cache_gib < 0:
             raise ValueError(f"host_cache_gib must be >= 0, got {self.host_cache_gib}")
         if self.write_policy not in (None, "write_through", "write_back"):
@@ -175,6 +184,9 @@ class SchedulerConfig:
 class EngineConfig:
     model: str = "smollm2-135m"
     load_format: str = "auto"  # "auto" | "dummy"
+    # A directory holding tokenizer files, or the embedded alias, used instead of the model's own
+    # (a dummy-weight model from a bare config has none); its vocabulary must fit the model's.
+    tokenizer: str | None = None
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
     device: str = "cpu"
     # "auto": Triton kernels on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1

@@ -17,8 +17,9 @@ import torch
 
 from kvstore.cache_manager import KVCacheManager
 from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
+from kvstore.mover import TierMover
 from runtime.attention import TorchAttentionBackend, TritonAttentionBackend
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import EngineConfig, ModelConfig, SchedulerConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_tiers import build_tiers
@@ -202,6 +203,8 @@ class LLMEngine:
         elif not sched.chunks and self.scheduler.loading and self.mover is not None:
             self.mover.wait(0.002)  # only fetches are pending: do not spin
         updates = self.scheduler.update_from_output(sched, result)
+        if self.mover is not None:
+            self.mover.end_step()
         outs = []
         for u in updates:
             out, stop = self.outputs.process(u.request)
@@ -214,6 +217,33 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.kv_manager.check_integrity()
+
+    def reset(self, scheduler: SchedulerConfig | None = None, host: bool = True, redis: bool = True,
+              prefix_caching: bool = True) -> None:
+        """Drop every request, pin and cached block (device and host; Redis keeps its keys) and
+        start over under another scheduler config and set of tiers, keeping the weights, the KV
+        buffers, the graphs and the host slab. For benchmarks that compare policies on one
+        loaded model; `host`/`redis` off leave out a tier this engine was built with."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.runner.drop_launched()
+        old = self.mover
+        mover = None
+        if old is not None:
+            old.synchronize()
+            old.close(close_store=False)
+            if old.host is not None:
+                old.host.clear()
+            h, r = (old.host if host else None), (old.redis if redis else None)
+            if h is not None or r is not None:
+                mover = TierMover(old.device_blocks, h, r, old.cost, old.write_through and r is not None,
+                                  old.max_pending_write_bytes, old.offload_on_compute and h is not None)
+        self.mover = mover
+        sched_cfg = scheduler or self.cfg.scheduler
+        self.kv_manager = KVCacheManager(self.kv_cache.num_blocks, self.cfg.cache.block_size,
+                                         prefix_caching and self.cfg.cache.enable_prefix_caching, mover)
+        self.scheduler = Scheduler(sched_cfg, self.kv_manager, self.model_config.eos_token_ids, self.cfg.tiers.load_timeout_s)
+        self.outputs = OutputProcessor(self.tokenizer)
 
     def close(self) -> None:
         """Stop the tier threads (pending Redis writes are flushed first)."""

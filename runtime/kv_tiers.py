@@ -72,7 +72,8 @@ def build_tiers(
     redis = None
     if t.redis_url is not None:
         fmt = BlockFormat(fingerprint, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size, dtype)
-        redis = RedisTier(t.redis_url, fmt, t.redis_ttl_s, t.redis_timeout_s, t.redis_retry_interval_s)
+        redis = RedisTier(t.redis_url, fmt, t.redis_ttl_s, t.redis_timeout_s, t.redis_retry_interval_s,
+                          connections=t.redis_connections, pin=kv.data.is_cuda)
         shared = redis.shared_secret(secret)
         if shared is None:
             log.warning("Redis unreachable at start: block hashes use a local secret, so blocks written "
@@ -97,5 +98,6 @@ def build_tiers(
         fixed=fixed,
     )
     log.info("KV tiers: host=%s redis=%s cost=%s", host is not None, t.redis_url, cost)
-    mover = TierMover(kv.data, host, redis, cost, t.write_through, t.max_pending_write_mib << 20)
+    offload = None if t.host_offload == "auto" else t.host_offload == "compute"
+    mover = TierMover(kv.data, host, redis, cost, t.write_through, t.max_pending_write_mib << 20, offload)
     return mover, secret

@@ -71,6 +71,12 @@ class ModelRunner:
         self.spec_hits = 0  # steps launched ahead and used
         self.spec_misses = 0  # steps launched ahead and dropped
 
+    def drop_launched(self) -> None:
+        """Forget a step launched ahead (its requests are gone)."""
+        if self._spec is not None:
+            self._spec = None
+            self.spec_misses += 1
+
     @torch.inference_mode()
     def profile_prefill(self, num_tokens: int) -> float:
         """Prefill tokens/s of one forward over `num_tokens` random tokens, written into the

@@ -21,6 +21,8 @@ Policy (one step):
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
+5. A request admitted with blocks to copy in from host RAM or Redis runs from the first step
+   after the copies land (on CUDA they overlap the steps in between).
 """
 from __future__ import annotations
 
@@ -142,6 +144,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if not self.kv.restore_ready(req.request_id):
+                i += 1  # its prefix is still being copied in: it joins a later step
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 self._pressure = True
@@ -236,8 +241,9 @@ class Scheduler:
                     self.stats.prompt_tokens_by_tier[k] += v
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.chunks.append(self._chunk(req, n))
-            budget -= n
+            if self.kv.restore_ready(req.request_id):
+                out.chunks.append(self._chunk(req, n))
+                budget -= n
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         if req.num_computed_tokens < req.num_prompt_tokens:

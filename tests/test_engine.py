@@ -222,3 +222,36 @@ def test_new_requests_join_the_running_batch(tiny: LLM) -> None:
     # The newcomer's prefill ran alongside the first request's decodes: no pass was spent on it alone.
     assert engine.runner.num_forward_passes - before == 20
     assert len(first.output_token_ids) == len(second.output_token_ids) == 20
+
+
+def test_tokenizer_from_elsewhere_for_a_dummy_model(tiny_llama_dir: Path, smol_dir: Path, tmp_path: Path) -> None:
+    """A bare config gets the embedded model's tokenizer (and chat template) when its vocabulary
+    can hold it; a tokenizer larger than the vocabulary is refused by name."""
+    import json
+
+    with pytest.raises(ValueError, match="more than the model's vocabulary of 320"):
+        LLM(str(tiny_llama_dir / "config.json"), load_format="dummy", tokenizer=str(smol_dir))
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text()) | {"vocab_size": 49152}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(tmp_path / "config.json"), load_format="dummy", tokenizer="smollm2-135m")
+    (out,) = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4 and isinstance(out.text, str)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        LLM(str(tmp_path / "config.json"), load_format="dummy", tokenizer=str(tmp_path))
+
+
+def test_reset_drops_every_cached_block_and_keeps_the_model(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), num_blocks=40, host_cache_gib=0.01, host_offload="compute")
+    engine = llm.engine
+    p = _rand_prompt(50, seed=31)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    (first,) = llm.generate([p], params)
+    engine.reset()
+    assert engine.kv_manager.pool.num_free == 40 and engine.mover is not None and len(engine.mover.host) == 0  # type: ignore[arg-type]
+    (again,) = llm.generate([p], params)
+    assert again.token_ids == first.token_ids and again.num_cached_tokens == 0
+    engine.reset(host=False)  # a tier left out
+    assert engine.mover is None
+    (third,) = llm.generate([p], params)
+    assert third.token_ids == first.token_ids
+    engine.check_integrity()

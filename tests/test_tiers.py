@@ -50,7 +50,7 @@ def test_host_tier_is_bounded_lru_and_hands_evictions_down() -> None:
     evicted: list[bytes] = []
     shape = (2, 2, 4, 1, 8)
     per_block = 2 * 2 * 4 * 8 * 4
-    host = HostTier(3 * per_block + 10, shape, torch.float32, on_evict=lambda h, t: evicted.append(h))
+    host = HostTier(3 * per_block + 10, shape, torch.float32, on_evict=lambda h, t, slot: evicted.append(h) is not None)
     assert host.num_slots == 3
     blocks = {bytes([i]) * 16: torch.full(shape, float(i)) for i in range(5)}
     keys = list(blocks)
@@ -81,6 +81,30 @@ def test_block_format_detects_every_kind_of_damage() -> None:
     assert torch.equal(bf16.decode(bytes(bf16.encode(b16))), b16)
 
 
+@pytest.mark.parametrize("connections", [1, 4])
+def test_block_client_round_trips_in_order_over_parallel_sockets(redis_server: RedisServer, connections: int) -> None:
+    """The RESP block client: values read straight into the staging rows, split over sockets,
+    misses and wrong-length values reported in place, and a server restart survived."""
+    from kvstore.redis_tier import RedisTier
+
+    fmt = BlockFormat("model-a", num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.bfloat16)
+    tier = RedisTier(redis_server.url, fmt, connections=connections)
+    keys = [bytes([i]) * 16 for i in range(37)]
+    blocks = {k: torch.randn(fmt.shape).to(torch.bfloat16) for k in keys}
+    assert tier.put_many(list(blocks.items())) == 37
+    missing = b"\xff" * 16
+    redis_server.client().set(tier.key(keys[5]), b"short")
+    got = tier.get_many(keys[:10] + [missing] + keys[10:])
+    assert got[5] is None and got[10] is None and tier.stats.corrupt == 1 and tier.stats.misses == 1
+    for k, g in zip(keys[:5] + keys[6:10] + keys[10:], got[:5] + got[6:10] + got[11:]):
+        assert g is not None and torch.equal(g, blocks[k])
+    redis_server.stop()
+    redis_server.start()
+    tier.put_many([(keys[0], blocks[keys[0]])])  # kept-open sockets found dead, reopened
+    assert tier.available and torch.equal(tier.get_many([keys[0]])[0], blocks[keys[0]])  # type: ignore[arg-type]
+    tier.close()
+
+
 def test_cost_model_prefers_the_faster_path() -> None:
     cost = CostModel(bytes_per_token=1000, prefill_tokens_per_s=1000.0, bandwidth={"host": 1e9, "redis": 1e3},
                      latency_s={"redis": 1e-3})
@@ -96,18 +120,25 @@ def smol_case(smol_hf, smol_prompts) -> Reference:
     return reference(smol_hf, smol_prompts[4], NEW)
 
 
-def test_prefix_from_host_is_identical(smol_case: Reference) -> None:
+@pytest.mark.parametrize("offload", ["evict", "compute"])
+def test_prefix_from_host_is_identical(smol_case: Reference, offload: str) -> None:
     ref = smol_case
-    llm = LLM("smollm2-135m", num_blocks=24)
+    llm = LLM("smollm2-135m", num_blocks=24, host_offload=offload)
     (cold,) = llm.generate([ref.prompt], _params())
     assert_matches(cold, ref, "cold")
-    for seed in (1, 2):  # evict the prompt's blocks from the device: they are demoted to host
+    mover = llm.engine.mover
+    assert mover is not None
+    # Offloaded as computed, or not yet (demoted when evicted).
+    assert (mover.stats.offloaded_to_host > 0) == (offload == "compute")
+    for seed in (1, 2):  # evict the prompt's blocks from the device
         llm.generate([_rand(300, seed, vocab=49152)], SamplingParams(max_tokens=1))
     (warm,) = llm.generate([ref.prompt], _params())
     assert warm.cache == {"gpu": 0, "host": _full_blocks(ref.prompt), "redis": 0,
                           "recomputed": len(ref.prompt) - _full_blocks(ref.prompt)}
-    assert_matches(warm, ref, "restored from host")
-    assert llm.engine.mover is not None and llm.engine.mover.stats.demoted_to_host > 0
+    assert_matches(warm, ref, f"restored from host (offload on {offload})")
+    # Blocks offloaded when computed need no copy when evicted.
+    assert (mover.stats.demoted_to_host > 0) == (offload == "evict")
+    assert mover.stats.loaded_bytes["host"] == _full_blocks(ref.prompt) // 16 * mover.block_bytes  # type: ignore[index]
     llm.engine.check_integrity()
 
 

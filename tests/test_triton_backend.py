@@ -78,6 +78,38 @@ def test_launched_ahead_steps_with_eos_stops_and_arrivals(tiny_llama_dir: Path, 
     assert outs[False]["b"] == refs[1] and outs[False]["c"] == refs[2]
 
 
+def test_restores_from_host_match_transformers(tiny_llama_dir: Path, tiny_refs) -> None:
+    """Blocks offloaded to host as they are computed, evicted from the device, and copied back
+    (on CUDA: on the copy stream, each request joining the batch once its copies land) while the
+    other requests keep decoding."""
+    prompts, refs = tiny_refs
+    long = [p * 2 for p in prompts[1:]]  # several full blocks each
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    long_refs = [reference(hf, p, 12).tokens for p in long]
+    llm = LLM(str(tiny_llama_dir), device=DEVICE, dtype="float32", attention_backend="triton",
+              block_size=4, num_blocks=36, max_num_seqs=4, host_offload="compute")
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(long, greedy)] == long_refs
+    llm.generate([[(5 * j) % 300 + 1 for j in range(130)]], SamplingParams(max_tokens=1))  # evicts them
+    engine = llm.engine
+    engine.add_request(long[0], greedy, "first")  # decoding while the others are restored
+    engine.step()
+    outs = {}
+    for i, p in enumerate(long[1:], 1):
+        engine.add_request(p, greedy, f"r{i}")
+    while engine.has_unfinished:
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert [outs[k].token_ids for k in ("first", "r1", "r2")] == long_refs
+    assert sum(o.cache["host"] for o in outs.values()) > 0
+    mover = engine.mover
+    assert mover is not None and mover.stats.offloaded_to_host > 0 and mover.stats.loaded_bytes["host"] > 0  # type: ignore[index]
+    engine.check_integrity()
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_smollm2_float32_on_gpu_matches_transformers(smol_dir: Path, smol_prompts) -> None:
     from transformers import AutoModelForCausalLM

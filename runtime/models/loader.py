@@ -182,4 +182,12 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     # The RoPE tables stay float32 whatever the weights' dtype (they are cast per use).
     model.rope.to(dtype=torch.float32)
     tokenizer = _load_tokenizer(directory)
+    if cfg.tokenizer is not None:
+        tdir = convert_gguf(embedded_gguf_path(), cfg.cache_dir)[0] if cfg.tokenizer == EMBEDDED_ALIAS else Path(cfg.tokenizer)
+        tokenizer = _load_tokenizer(tdir)
+        if tokenizer is None:
+            raise ValueError(f"tokenizer {cfg.tokenizer!r}: no tokenizer files there")
+        if len(tokenizer) > mcfg.vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the model's "
+                             f"vocabulary of {mcfg.vocab_size}")
     return LoadedModel(model=model, config=mcfg, tokenizer=tokenizer, weights_id=weights_id, model_id=model_id)
