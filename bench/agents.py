@@ -18,6 +18,7 @@ Configurations (one engine, `LLMEngine.reset` between them):
 - stateless: a server without sessions: no pins, no priorities, no tiers below the device; the
   whole conversation is re-sent each turn and only the device prefix cache can help.
 
+A name may end in ":N" (say ember:1024) to run with a per-step token budget of N.
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
@@ -92,29 +93,36 @@ def text_of(tok: Any, rng: random.Random, tokens: int) -> str:
 
 
 def start_redis(maxmemory_gib: float) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server on a free port and a Unix socket; returns it and the socket's URL."""
     exe = shutil.which("redis-server")
     if exe is None:
         sys.exit("redis-server not found: run `make setup`, or pass --redis-url")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    sock = f"/tmp/ember-bench-redis-{port}.sock"
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", f"{int(maxmemory_gib * 2**30)}", "--maxmemory-policy", "allkeys-lru", "--io-threads", "4"],
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--unixsocket", sock, "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--maxmemory", f"{int(maxmemory_gib * 2**30)}",
+         "--maxmemory-policy", "allkeys-lru", "--io-threads", "4"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, f"unix://{sock}"  # beside the engine: a Unix socket beats loopback TCP
 
 
-def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, Any]:
+def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration; `name` may end in ":N" to run it with a per-step budget of N tokens."""
+    config, _, budget = name.partition(":")
     sched = engine.cfg.scheduler
+    if budget:
+        sched = replace(sched, max_num_batched_tokens=int(budget))
     stats = ToolStats(cap_s=args.tool_cap_s)
     if config in ("no_pinning", "stateless"):
         sched = replace(sched, pin_default_ttl_s=0.0)
         stats = ToolStats(cap_s=0.0, floor_s=0.0, default_s=0.0)
     engine.reset(sched, host=config not in ("no_host", "stateless"), redis=config != "stateless")
     if engine.mover is not None and engine.mover.redis is not None:
-        engine.mover.redis._client.flushall()
+        engine.mover.redis.flushdb()
     se = SessionEngine(engine, tool_stats=stats, use_priorities=config not in ("no_priority", "stateless"))
     tok = engine.tokenizer
     rng = random.Random(args.seed)
@@ -131,7 +139,7 @@ def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, A
         a.start += t0  # (an offset until now)
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
     by_request: dict[str, Agent] = {}
-    step_s: list[float] = []  # engine steps that ran no prompt tokens
+    trace: list[tuple[float, ...]] = []  # per step: start, seqs, prefill tokens, schedule/execute/update s
 
     def start_turn(a: Agent, since: float) -> None:
         req = se.start_turn(a.session, params)
@@ -160,12 +168,11 @@ def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, A
             if due_at:
                 time.sleep(max(0.0, min(due_at) - time.monotonic()))
             continue
-        prompt_before = engine.scheduler.stats.num_computed_prompt_tokens
         ts = time.monotonic()
         outs = engine.step()
         num_steps += 1
-        if engine.scheduler.stats.num_computed_prompt_tokens == prompt_before and outs:
-            step_s.append(time.monotonic() - ts)
+        st = engine.last_step
+        trace.append((ts - t0, st.num_seqs, st.num_prefill_tokens, st.schedule_s, st.execute_s, st.update_s))
         for out in outs:
             a = by_request.get(out.request_id)
             if a is None:
@@ -188,12 +195,17 @@ def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, A
     wall = time.monotonic() - t0
     jct = [a.done_at - a.start for a in agents if a.done_at is not None]
     ttft = [t for a in agents for t in a.ttfts]
+    step_s = [sum(x[3:]) for x in trace if x[2] == 0 and x[1] > 0]  # steps that ran decodes only
     decode_step = statistics.median(step_s) if step_s else float("nan")
+    buckets: dict[str, list[float]] = {}
+    for x in trace:
+        b = "0" if x[2] == 0 else "1-512" if x[2] <= 512 else "513-1024" if x[2] <= 1024 else ">1024"
+        buckets.setdefault(b, []).append(sum(x[3:]))
     tiers = engine.scheduler.stats.prompt_tokens_by_tier
     prompt = sum(tiers.values())
     mv = engine.mover
     res: dict[str, Any] = {
-        "config": config, "jct_mean_s": statistics.mean(jct), "jct_p95_s": pct(jct, 0.95),
+        "config": name, "jct_mean_s": statistics.mean(jct), "jct_p95_s": pct(jct, 0.95),
         "tool_ttft_p50_s": pct(ttft, 0.5), "tool_ttft_p95_s": pct(ttft, 0.95),
         "decode_step_s": decode_step,
         "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
@@ -203,6 +215,12 @@ def run(engine: LLMEngine, config: str, args: argparse.Namespace) -> dict[str, A
         "preemptions": engine.scheduler.stats.num_preemptions,
         "pin_reclaims": engine.scheduler.stats.num_pin_reclaims,
         "pin_expiries": engine.kv_manager.num_pin_expiries, "steps": num_steps, "wall_s": wall,
+        "time_in_steps_s": {"schedule": sum(x[3] for x in trace), "execute": sum(x[4] for x in trace),
+                            "update": sum(x[5] for x in trace)},
+        "steps_by_prefill_tokens": {b: {"steps": len(v), "median_ms": statistics.median(v) * 1e3}
+                                    for b, v in sorted(buckets.items())},
+        "mean_seqs_per_step": statistics.mean(x[1] for x in trace) if trace else 0.0,
+        "trace": [[round(v, 5) for v in x] for x in trace],
     }
     if mv is not None:
         mv.synchronize()

@@ -73,6 +73,17 @@ class MoverStats:
 class _Fetch:
     request_id: str
     hashes: list[bytes]
+    slots: list[int]  # host slots lent to receive the blocks in place (empty: no host tier)
+    ready: torch.cuda.Event | None  # the slots' earlier copies are done once this completes
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    request_id: str
+    hashes: list[bytes]  # the run found, from the start
+    blocks: list[torch.Tensor]  # staged copies (no host tier), else empty
+    slots: list[int]  # the fetch's slots: the first len(hashes) filled
+    seconds: float
 
 
 @dataclass(slots=True)
@@ -126,6 +137,9 @@ class TierMover:
         self._inflight_blocks: dict[int, torch.cuda.Event] = {}
         self._inflight_hashes: dict[bytes, torch.cuda.Event] = {}
         self._restores: dict[str, _Restore] = {}
+        # Blocks a fetch brought from Redis, per request: into host slots (`_fetched`, labelled
+        # so the request's cache accounting says Redis) or, with no host tier, staged copies.
+        self._fetched: dict[str, set[bytes]] = {}
         self._staged: dict[str, dict[bytes, torch.Tensor]] = {}
         self._fetching: set[str] = set()
         self._written: OrderedDict[bytes, None] = OrderedDict()  # recently sent to Redis
@@ -135,7 +149,7 @@ class TierMover:
         if host is not None and redis is not None and not self.write_through:
             host.on_evict = self._host_evicted  # write-back: host eviction demotes to Redis
         self._read_q: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
-        self._done_q: queue.SimpleQueue[tuple[str, list[bytes], list[torch.Tensor], float, int]] = queue.SimpleQueue()
+        self._done_q: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
         self._write_q: queue.Queue[_Write | None] = queue.Queue(maxsize=self._max_pending)
         self._threads: list[threading.Thread] = []
         if redis is not None:
@@ -194,10 +208,12 @@ class TierMover:
         self.end_step()
 
     # ---- writes (engine thread) ----------------------------------------------------------
-    def _enqueue_write(self, block_hash: bytes, block: torch.Tensor, release: Callable[[], None] | None = None) -> bool:
+    def _enqueue_write(self, block_hash: bytes, block: torch.Tensor, release: Callable[[], None] | None = None,
+                       block_id: int | None = None) -> bool:
         """Queue a block for Redis; returns whether it was queued. The writer reads a device block
-        from a pinned snapshot copied on the copy stream, a CPU block from a copy made now, and a
-        block handed over with `release` in place, calling `release` once it is sent."""
+        (`block_id` of the pool) from a pinned snapshot copied on the copy stream, a CPU block
+        from a copy made now, and a block handed over with `release` in place, calling `release`
+        once it is sent."""
         with self._written_lock:
             if block_hash in self._written:
                 self._written.move_to_end(block_hash)
@@ -211,6 +227,9 @@ class TierMover:
                 snap = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
                 snap.copy_(block, non_blocking=True)
             event = self._event()
+            if block_id is not None:  # the block is not reused before its snapshot is taken
+                self._inflight.append(_Batch(event, [block_id], []))
+                self._inflight_blocks[block_id] = event
         else:
             snap = block if release is not None else block.clone()
         try:
@@ -230,7 +249,7 @@ class TierMover:
                 return
             self.stats.demoted_to_host += self._to_host([(block_hash, block_id)])
         elif self.redis is not None:
-            self._enqueue_write(block_hash, self.device_blocks[block_id])
+            self._enqueue_write(block_hash, self.device_blocks[block_id], block_id=block_id)
 
     def evicted(self, block_hash: bytes, block_id: int) -> None:
         """A cached device block is about to be reused: demote it, and make the compute that
@@ -246,7 +265,7 @@ class TierMover:
         if self.offload_on_compute:
             self._to_offload.append((block_hash, block_id))
         if self.write_through:
-            self._enqueue_write(block_hash, self.device_blocks[block_id])
+            self._enqueue_write(block_hash, self.device_blocks[block_id], block_id=block_id)
 
     def _host_evicted(self, block_hash: bytes, block: torch.Tensor, slot: int) -> bool:
         """Write-back: the evicted host slot is lent to the writer, which sends it in place."""
@@ -260,10 +279,11 @@ class TierMover:
     def lower_match(self, request_id: str, hashes: Sequence[bytes]) -> list[tuple[bytes, str]]:
         """The longest run of `hashes` found in host RAM or among this request's fetched blocks."""
         staged = self._staged.get(request_id, {})
+        fetched = self._fetched.get(request_id, ())
         out: list[tuple[bytes, str]] = []
         for h in hashes:
             if self.host is not None and h in self.host:
-                out.append((h, HOST))
+                out.append((h, REDIS if h in fetched else HOST))
             elif h in staged:
                 out.append((h, REDIS))
             else:
@@ -281,13 +301,14 @@ class TierMover:
         from host since `lower_match` ends the run, and the rest is recomputed). On CUDA the
         copies are in flight on return: see `restore_ready`."""
         staged = self._staged.pop(request_id, {})
+        self._fetched.pop(request_id, None)
         by_tier = {HOST: 0, REDIS: 0}
         loaded = 0
         t0 = time.perf_counter()
         with self._copying():
             start = self._event(timing=True) if self._stream is not None else None
             for (h, tier), bid in zip(span, block_ids):
-                src = staged.get(h) if tier == REDIS else (self.host.get_many([h])[0] if self.host else None)
+                src = self.host.get_many([h])[0] if self.host is not None and h in self.host else staged.get(h)
                 if src is None:
                     break
                 self.device_blocks[bid].copy_(src, non_blocking=self._stream is not None)
@@ -331,13 +352,23 @@ class TierMover:
             torch.cuda.current_stream(self.device_blocks.device).wait_event(r.done)
 
     def start_fetch(self, request_id: str, hashes: list[bytes]) -> None:
+        """Fetch `hashes` from Redis off this thread; with a host tier, straight into host slots
+        lent for it (pinned memory: the restore is then an ordinary host restore)."""
         self._fetching.add(request_id)
         self.stats.fetches += 1
-        self._read_q.put(_Fetch(request_id, hashes))
+        slots: list[int] = []
+        ready = None
+        if self.host is not None and self.host.num_slots:
+            slots = self.host.reserve(len(hashes))
+            hashes = hashes[: len(slots)]
+            if self._stream is not None:
+                ready = self._event()  # copies still reading these slots' old blocks
+        self._read_q.put(_Fetch(request_id, hashes, slots, ready))
 
     def cancel(self, request_id: str, timed_out: bool = False) -> None:
         self._fetching.discard(request_id)
         self._staged.pop(request_id, None)
+        self._fetched.pop(request_id, None)
         if timed_out:
             self.stats.fetch_timeouts += 1
 
@@ -346,17 +377,27 @@ class TierMover:
         done: list[str] = []
         while True:
             try:
-                rid, hashes, blocks, seconds, nbytes = self._done_q.get_nowait()
+                f = self._done_q.get_nowait()
             except queue.Empty:
                 return done
-            if rid not in self._fetching:
-                continue  # cancelled or timed out meanwhile
-            self._fetching.discard(rid)
-            self._staged[rid] = dict(zip(hashes, blocks))
-            if nbytes:
-                self.stats.load_seconds[REDIS] += seconds  # type: ignore[index]
-                self.cost.observe_load(REDIS, nbytes, seconds)
-            done.append(rid)
+            live = f.request_id in self._fetching  # else cancelled or timed out meanwhile
+            n = len(f.hashes) if live else 0
+            if self.host is not None:
+                for h, slot in zip(f.hashes[:n], f.slots):
+                    self.host.adopt(h, slot)
+                for slot in f.slots[n:]:
+                    self.host.give_back(slot)
+            if not live:
+                continue
+            self._fetching.discard(f.request_id)
+            if f.slots:
+                self._fetched[f.request_id] = set(f.hashes)
+            else:
+                self._staged[f.request_id] = dict(zip(f.hashes, f.blocks))
+            if n:
+                self.stats.load_seconds[REDIS] += f.seconds  # type: ignore[index]
+                self.cost.observe_load(REDIS, n * self.block_bytes, f.seconds)
+            done.append(f.request_id)
 
     def wait(self, timeout: float) -> None:
         """Sleep until a fetch may have finished (the engine has nothing else to do)."""
@@ -368,10 +409,18 @@ class TierMover:
         assert self.redis is not None
         while (job := self._read_q.get()) is not None:
             t0 = time.perf_counter()
-            blocks = self.redis.get_many(job.hashes)
-            n = next((i for i, b in enumerate(blocks) if b is None), len(blocks))
-            found = [b for b in blocks[:n] if b is not None]
-            self._done_q.put((job.request_id, job.hashes[:n], found, time.perf_counter() - t0, n * self.block_bytes))
+            if job.slots:
+                assert self.host is not None
+                if job.ready is not None:
+                    job.ready.synchronize()
+                ok = self.redis.get_into(job.hashes, [self.host.slab[s] for s in job.slots])
+                blocks: list[torch.Tensor] = []
+            else:
+                got = self.redis.get_many(job.hashes)
+                ok = [b is not None for b in got]
+                blocks = [b for b in got if b is not None]
+            n = next((i for i, found in enumerate(ok) if not found), len(ok))
+            self._done_q.put(_Fetched(job.request_id, job.hashes[:n], blocks[:n], job.slots, time.perf_counter() - t0))
 
     def _writer(self) -> None:
         assert self.redis is not None

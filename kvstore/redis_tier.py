@@ -241,12 +241,11 @@ class RedisTier(KVTier):
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         return self.put_encoded([(h, self.encode(t)) for h, t in items])
 
-    def _read(self, hashes: Sequence[bytes], out: torch.Tensor) -> tuple[list[int], list[bytearray]]:
-        """Each value's payload into `out[i]`; returns each value's length (-1: missing) and
+    def _read(self, hashes: Sequence[bytes], rows: Sequence[memoryview]) -> tuple[list[int], list[bytearray]]:
+        """Each value's payload into `rows[i]`; returns each value's length (-1: missing) and
         header. A value of the wrong length is skipped and reported by its length."""
         heads = [bytearray(HEADER.size) for _ in hashes]
         lengths = [-1] * len(hashes)
-        rows = [bytes_of(out[i]) for i in range(len(hashes))]
         expect = HEADER.size + self.fmt.payload_bytes
 
         def fetch(conn: Connection, *, r: range) -> None:
@@ -272,36 +271,44 @@ class RedisTier(KVTier):
                 rows[i][:] = memoryview(value)[HEADER.size :]
         return lengths, heads
 
-    def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]:
-        """Blocks as views of one freshly allocated staging tensor (pinned when `pin`)."""
+    def get_into(self, hashes: Sequence[bytes], rows: Sequence[torch.Tensor]) -> list[bool]:
+        """Read each block straight into `rows[i]` (a contiguous CPU tensor of one block, such as
+        a host-tier slot); returns which were found and intact (the others' rows hold garbage)."""
         if not hashes:
             return []
-        # (n, payload bytes) in uint8; viewed as blocks once checked
-        out = torch.empty((len(hashes), self.fmt.payload_bytes), dtype=torch.uint8, pin_memory=self.pin)
+        views = [bytes_of(r) for r in rows]
+        assert all(len(v) == self.fmt.payload_bytes for v in views), "a row is not one block"
         none: tuple[list[int], list[bytearray]] = ([-1] * len(hashes), [])
-        lengths, heads = self._guard(lambda c: self._read(hashes, out), none)
-        blocks: list[torch.Tensor | None] = []
+        lengths, heads = self._guard(lambda c: self._read(hashes, views), none)
+        found: list[bool] = []
         bad: list[bytes] = []
         for i, (h, n) in enumerate(zip(hashes, lengths)):
             if n < 0:
                 self.stats.misses += 1
-                blocks.append(None)
+                found.append(False)
                 continue
             try:
                 if n != HEADER.size + self.fmt.payload_bytes:
                     raise CorruptBlock(f"value is {n} bytes, expected {HEADER.size + self.fmt.payload_bytes}")
-                self.fmt.check(heads[i], bytes_of(out[i]))
-                blocks.append(out[i].view(self.fmt.dtype).view(self.fmt.shape))
+                self.fmt.check(heads[i], views[i])
+                found.append(True)
                 self.stats.hits += 1
                 self.stats.bytes_read += n
             except CorruptBlock as e:
                 self.stats.corrupt += 1
                 log.warning("discarding Redis block %s: %s", h.hex(), e)
                 bad.append(h)
-                blocks.append(None)
+                found.append(False)
         if bad:
             self.delete_many(bad)
-        return blocks
+        return found
+
+    def get_many(self, hashes: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """Blocks as views of one freshly allocated staging tensor (pinned when `pin`)."""
+        # (n, payload bytes) in uint8; viewed as blocks once checked
+        out = torch.empty((len(hashes), self.fmt.payload_bytes), dtype=torch.uint8, pin_memory=self.pin)
+        found = self.get_into(hashes, list(out))
+        return [out[i].view(self.fmt.dtype).view(self.fmt.shape) if ok else None for i, ok in enumerate(found)]
 
     def delete_many(self, hashes: Sequence[bytes]) -> None:
         def run(c: Any) -> None:
@@ -311,6 +318,10 @@ class RedisTier(KVTier):
             pipe.execute()
 
         self._guard(run, None)
+
+    def flushdb(self) -> None:
+        """Empty the whole database, not only this model's blocks (benchmarks between runs)."""
+        self._guard(lambda c: c.flushdb(), None)
 
     def contains_many(self, hashes: Sequence[bytes]) -> list[bool]:
         if not hashes:

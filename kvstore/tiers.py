@@ -111,6 +111,26 @@ class HostTier(KVTier):
                 continue
             return slot
 
+    def reserve(self, n: int) -> list[int]:
+        """Lend up to `n` slots (evicting as needed) for blocks to be written into them in place,
+        from any thread; each is then `adopt`ed or given back."""
+        out = []
+        for _ in range(n):
+            slot = self._take_slot()
+            if slot is None:
+                break
+            self.num_lent += 1
+            out.append(slot)
+        return out
+
+    def adopt(self, block_hash: bytes, slot: int) -> None:
+        """A reserved slot now holds `block_hash` (most recently used)."""
+        self.num_lent -= 1
+        if block_hash in self._index:
+            self._free.append(slot)  # (it arrived meanwhile by another way)
+            return
+        self._index[block_hash] = slot
+
     def give_back(self, slot: int) -> None:
         """A lent slot may be reused (thread-safe)."""
         self._returned.put(slot)

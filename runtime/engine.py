@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -38,6 +39,16 @@ log = logging.getLogger("ember.engine")
 Prompt = str | Sequence[int]
 
 
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What the last `step()` ran and where its wall time went."""
+    num_seqs: int
+    num_prefill_tokens: int  # tokens of chunks longer than one (decodes excluded)
+    schedule_s: float
+    execute_s: float  # building inputs, the forward (launched ahead for graph decodes), sampling
+    update_s: float  # applying tokens, tier bookkeeping, outputs
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         cfg.validate()
@@ -61,6 +72,7 @@ class LLMEngine:
             cfg, loaded.config, self.kv_cache, self.fingerprint,
             lambda: self.runner.profile_prefill(min(256, self.max_model_len - 1)),
         )
+        self._built_mover = self.mover  # the tiers as built, for `reset`
         self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching, self.mover)
         if self.runner.graphs is not None:
             self.runner.reserve = self._reserve
@@ -69,6 +81,7 @@ class LLMEngine:
         self._hashers: dict[str, BlockHasher] = {}
         self._ids = itertools.count()
         self.metrics: Metrics | None = None  # set by a server that exports them
+        self.last_step = StepStats(0, 0, 0.0, 0.0, 0.0)
 
     def _make_runner(self, model: LlamaForCausalLM, mcfg: ModelConfig) -> ModelRunner:
         """The torch backend with eager ops (the CPU default); or the Triton backend (the CUDA
@@ -195,11 +208,13 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ts = time.perf_counter()
         sched = self.scheduler.schedule()
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        t1 = time.perf_counter()
         if self.mover is not None and sched.num_tokens >= 64:
-            self.mover.cost.observe_prefill(sched.num_tokens, time.perf_counter() - t0)
+            self.mover.cost.observe_prefill(sched.num_tokens, t1 - t0)
         elif not sched.chunks and self.scheduler.loading and self.mover is not None:
             self.mover.wait(0.002)  # only fetches are pending: do not spin
         updates = self.scheduler.update_from_output(sched, result)
@@ -213,6 +228,9 @@ class LLMEngine:
             outs.append(out)
         if self.metrics is not None and outs:
             self.metrics.on_outputs(outs, {u.request.request_id: u.request.arrival_time for u in updates})
+        decodes = sum(1 for c in sched.chunks if c.num_tokens == 1)
+        self.last_step = StepStats(len(sched.chunks), sched.num_tokens - decodes, t0 - ts, t1 - t0,
+                                   time.perf_counter() - t1)
         return outs
 
     def check_integrity(self) -> None:
@@ -227,17 +245,17 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.runner.drop_launched()
-        old = self.mover
-        mover = None
-        if old is not None:
-            old.synchronize()
-            old.close(close_store=False)
-            if old.host is not None:
-                old.host.clear()
-            h, r = (old.host if host else None), (old.redis if redis else None)
+        if self.mover is not None:
+            self.mover.synchronize()
+            self.mover.close(close_store=False)
+        built, mover = self._built_mover, None
+        if built is not None:
+            if built.host is not None:
+                built.host.clear()
+            h, r = (built.host if host else None), (built.redis if redis else None)
             if h is not None or r is not None:
-                mover = TierMover(old.device_blocks, h, r, old.cost, old.write_through and r is not None,
-                                  old.max_pending_write_bytes, old.offload_on_compute and h is not None)
+                mover = TierMover(built.device_blocks, h, r, built.cost, built.write_through and r is not None,
+                                  built.max_pending_write_bytes, built.offload_on_compute and h is not None)
         self.mover = mover
         sched_cfg = scheduler or self.cfg.scheduler
         self.kv_manager = KVCacheManager(self.kv_cache.num_blocks, self.cfg.cache.block_size,

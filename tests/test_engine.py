@@ -254,4 +254,6 @@ def test_reset_drops_every_cached_block_and_keeps_the_model(tiny_llama_dir: Path
     assert engine.mover is None
     (third,) = llm.generate([p], params)
     assert third.token_ids == first.token_ids
+    engine.reset()  # and back
+    assert engine.mover is not None and engine.mover.host is not None
     engine.check_integrity()
