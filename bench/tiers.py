@@ -22,7 +22,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +64,40 @@ def pinned_h2d_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[1:])
 
 
+def redis_sweep(url: str, fmt: Any, pin: bool, blocks: int = 256) -> list[dict[str, Any]]:
+    """Block reads into pinned rows by number of sockets, and the server's own GET rate for
+    values of one block (redis-benchmark, when installed): where the Redis tier's time goes."""
+    from kvstore.redis_tier import RedisTier
+
+    rows = torch.empty((blocks, fmt.payload_bytes), dtype=torch.uint8, pin_memory=pin)
+    rows.random_(0, 255)
+    keys = [os.urandom(16) for _ in range(blocks)]
+    out = []
+    for conns in (1, 2, 4, 8, 16):
+        tier = RedisTier(url, fmt, connections=conns, pin=pin)
+        if conns == 1:
+            tier.put_many([(k, rows[i].view(fmt.dtype).view(fmt.shape)) for i, k in enumerate(keys)])
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert all(tier.get_into(keys, list(rows)))
+            best = min(best, time.perf_counter() - t0)
+        out.append({"connections": conns, "GBps": blocks * fmt.payload_bytes / best / 1e9})
+        print(f"redis sweep: {conns:2d} sockets {out[-1]['GBps']:.2f} GB/s", flush=True)
+        tier.close()
+    exe = shutil.which("redis-benchmark")
+    if exe is not None and url.startswith("unix://"):
+        for clients in (1, 8):
+            res = subprocess.run([exe, "-s", url.removeprefix("unix://"), "-t", "set,get", "-d", str(fmt.payload_bytes),
+                                  "-n", "400", "-c", str(clients), "-P", "4", "-q"], capture_output=True, text=True, timeout=60)
+            rps = [float(w) for line in res.stdout.splitlines() if line.startswith("GET")
+                   for w in line.replace(":", " ").split() if w.replace(".", "").isdigit()]
+            if rps:
+                out.append({"redis_benchmark_clients": clients, "GBps": rps[0] * fmt.payload_bytes / 1e9})
+                print(f"redis-benchmark GET, {clients} clients: {out[-1]['GBps']:.2f} GB/s", flush=True)
+    return out
+
+
 def sync(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
@@ -74,6 +110,7 @@ def main() -> None:
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--redis-connections", type=int, default=4)
     ap.add_argument("--max-recompute", type=int, default=None)
+    ap.add_argument("--redis-sweep", action="store_true", help="also: block reads by socket count, and redis-benchmark")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = args.preset == "gpu"
@@ -166,6 +203,7 @@ def main() -> None:
             print(f"{L:>6} tokens {nbytes / 2**20:8.1f} MiB  recompute {'' if measured else '>'}{recompute_s:8.4f}s  "
                   f"host {host_s:7.4f}s ({row['host_GBps']:.2f} GB/s{of_pinned})  "
                   f"redis {redis_s:7.4f}s ({row['redis_GBps']:.2f} GB/s; put {row['redis_put_GBps']:.2f})", flush=True)
+        sweep = redis_sweep(url, mover.redis.fmt, cuda) if args.redis_sweep else []
         cross = {t: next((r["tokens"] for r in rows if r[f"{t}_s"] < r["recompute_s"]), None) for t in ("host", "redis")}
         print("crossover (shortest context where the restore beats recompute):", cross)
         if bw:
@@ -176,7 +214,7 @@ def main() -> None:
                 "model": "Llama-3-8B shape, dummy bf16" if gpu else "SmolLM2-135M shape, dummy float32 weights, 32k context"}
         out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("tiers-gpu.json" if gpu else "tiers.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows, "crossover": cross}, indent=2))
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "crossover": cross, "redis_sweep": sweep}, indent=2))
         llm.close()
     finally:
         if proc is not None:

@@ -286,6 +286,12 @@ class KVCacheManager:
         """Owners ordered for reclaiming under pressure: the one expected back last first."""
         return sorted(self._pins, key=lambda o: self._pins[o].deadline, reverse=True)
 
+    def pin_backed(self, owner: str) -> bool:
+        """Whether every block `owner` pins has a copy in host RAM."""
+        pin = self._pins.get(owner)
+        host = self.mover.host if self.mover is not None else None
+        return pin is not None and host is not None and all(h in host for h in pin.hashes)
+
     def pinned_blocks(self, owner: str | None = None) -> int:
         if owner is not None:
             pin = self._pins.get(owner)

@@ -16,8 +16,9 @@ Policy (one step):
    request one class so no class starves; equal classes go in arrival order.
 3. When blocks run short, session pins are reclaimed before running requests are preempted, the
    pin expected back last first. A request that does not return from a tool may reclaim at most
-   `pin_reclaim_fraction` of the pinned working set (admission control); the preemption victim is
-   the running request of the lowest class, newest first.
+   `pin_reclaim_fraction` of the pinned working set (admission control) unless the pin's blocks
+   are all in host RAM already (taking it back then costs only a restore); the preemption victim
+   is the running request of the lowest class, newest first.
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -190,7 +191,9 @@ class Scheduler:
             if owner == req.session_id:
                 continue
             size = self.kv.pinned_blocks(owner)
-            if not unbounded:
+            # A pin whose blocks are all in host RAM costs only a restore to take back: the
+            # bound protects pins that would otherwise have to be recomputed.
+            if not unbounded and not self.kv.pin_backed(owner):
                 floor = (1 - self.cfg.pin_reclaim_fraction) * self._pinned_high_water
                 if self.kv.pinned_blocks() - size < floor:
                     return False

@@ -128,6 +128,25 @@ def test_fresh_requests_reclaim_at_most_a_fraction_of_pins(tiny_llama_dir: Path)
     engine.check_integrity()
 
 
+def test_pins_backed_by_host_yield_to_any_request(tiny_llama_dir: Path) -> None:
+    """With blocks offloaded to host as they are computed, dropping a pin costs only a restore,
+    so the reclaim bound does not hold back fresh requests."""
+    llm = LLM(str(tiny_llama_dir), num_blocks=32, pin_reclaim_fraction=0.25, pin_default_ttl_s=60.0,
+              host_offload="compute")
+    engine = llm.engine
+    kv = engine.kv_manager
+    for i in range(4):
+        _run(engine, engine.add_request(_rand(64, 300 + i), SamplingParams(max_tokens=1), session_id=f"s{i}", priority=2))
+    assert kv.pinned_blocks() == 16 and all(kv.pin_backed(f"s{i}") for i in range(4))
+    burst = [engine.add_request(_rand(150, 400 + i), SamplingParams(max_tokens=2), priority=2) for i in range(6)]
+    low_water = 16
+    while engine.has_unfinished:
+        engine.step()
+        low_water = min(low_water, kv.pinned_blocks())
+    assert all(r.status.finished for r in burst) and low_water < 12
+    engine.check_integrity()
+
+
 def test_forks_hold_the_shared_prefix_once(tiny_llama_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
