@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--lengths", default=None, help="context lengths (default: to 32768 on CPU, 8192 on GPU)")
     ap.add_argument("--redis-url", default=None)
-    ap.add_argument("--redis-connections", type=int, default=8)
+    ap.add_argument("--redis-connections", type=int, default=4)
     ap.add_argument("--max-recompute", type=int, default=None)
     ap.add_argument("--redis-sweep", action="store_true", help="also: block reads by socket count, and redis-benchmark")
     ap.add_argument("--out", default=None)

@@ -34,6 +34,7 @@ HEADER = struct.Struct("<4sH16sHHHHBQQ")
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 SECRET_KEY = b"ember:kv-secret"
 Encoded = tuple[bytes, memoryview]  # (header, payload)
+WINDOW = 2  # block commands in flight per socket
 
 # Decoded payloads alias the received bytes; they are only ever copied from, never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -213,13 +214,15 @@ class RedisTier(KVTier):
         ex = [b"EX", str(self.ttl_s).encode()] if self.ttl_s else []
 
         def send(conn: Connection, *, part: Sequence[tuple[bytes, Encoded]]) -> None:
-            for h, (head, payload) in part:
+            for j, (h, (head, payload)) in enumerate(part):
                 n = len(head) + len(payload)
                 key = self.key(h)
                 pre = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (3 + len(ex), len(key), key, n)
                 tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in ex)
                 conn.send([pre, head, payload, tail])
-            for _ in part:
+                if j >= WINDOW:
+                    conn.read_simple()  # keep at most WINDOW + 1 writes in flight
+            for _ in part[-WINDOW:]:  # the replies not read above
                 conn.read_simple()
 
         def run(c: Any) -> int:
@@ -249,11 +252,15 @@ class RedisTier(KVTier):
         expect = HEADER.size + self.fmt.payload_bytes
 
         def fetch(conn: Connection, *, r: range) -> None:
-            conn.send([b"".join(command(b"GET", self.key(hashes[i])) for i in r)])
-            for i in r:
+            # A shallow pipeline: Redis serves a few large values in flight far faster than a
+            # deep queue of them (it buffers every queued reply before writing it out).
+            conn.send([b"".join(command(b"GET", self.key(hashes[i])) for i in r[:WINDOW])])
+            for j, i in enumerate(r):
                 def sink(n: int, i: int = i) -> tuple[memoryview, memoryview] | None:
                     return (memoryview(heads[i]), rows[i]) if n == expect else None
                 lengths[i] = conn.read_bulk(sink)
+                if j + WINDOW < len(r):
+                    conn.send([command(b"GET", self.key(hashes[r[j + WINDOW]]))])
 
         if self._fast:
             parts = split(len(hashes), len(self._readers.conns))
