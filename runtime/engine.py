@@ -103,6 +103,10 @@ class LLMEngine:
             t0 = time.perf_counter()
             runner.graphs.capture()
             log.info("captured %d decode graphs in %.1f s", len(runner.graphs.sizes), time.perf_counter() - t0)
+        if self.device.type == "cuda":  # (the interpreter compiles nothing)
+            t0 = time.perf_counter()
+            n = runner.warmup(self.cfg.scheduler.max_num_seqs)
+            log.info("compiled the eager path's kernels in %d forwards, %.1f s", n, time.perf_counter() - t0)
         return runner
 
     def _reserve(self, req: Request, num_tokens: int) -> list[int] | None:

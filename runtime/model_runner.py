@@ -96,6 +96,37 @@ class ModelRunner:
         return num_tokens / (time.perf_counter() - t0)
 
     @torch.inference_mode()
+    def warmup(self, max_num_seqs: int) -> int:
+        """Run the eager path once for each kernel variant a step can meet, so that kernels
+        compile here and not inside a request's step: a mixed step of b decodes and a short
+        prefill chunk for every b at which the backend's decode split count changes, with block
+        tables of a narrow and a wide width (Triton specialises on an argument's divisibility by
+        16). Writes only into the cache's first four blocks: call before any request holds them.
+        Returns the forwards run (0 for a backend without variants, or a cache under 4 blocks)."""
+        splits_for = getattr(self.backend, "splits_for", None)
+        bs = self.kv_cache.block_size
+        if splits_for is None or self.kv_cache.num_blocks < 4:
+            return 0
+        sizes = [b for b in range(1, max_num_seqs + 1) if b == 1 or splits_for(b) != splits_for(b - 1)]
+        chunk = 2 * bs
+        runs = 0
+        for width in (2, 16):
+            for b in sizes:
+                # b decodes of one token after bs cached ones (all over blocks 0-1: their writes
+                # land in block 1), then a prefill chunk that fills blocks 2-3 at the table's end.
+                slices = [SeqSlice(i, 1, bs + 1, [0, 1]) for i in range(b)]
+                slices.append(SeqSlice(b, chunk, width * bs, [2] * (width - 2) + [2, 3]))
+                ids = torch.zeros(b + chunk, dtype=torch.int64, device=self.device)
+                pos = torch.tensor([bs] * b + list(range((width - 2) * bs, width * bs)), device=self.device)
+                meta = self.backend.build_metadata(slices, bs, self.device)
+                hidden = self.model(ids, pos, self.backend, self.kv_cache, meta)  # (b + chunk, hidden)
+                self.model.compute_logits(hidden[-1:]).float().argmax(dim=-1)
+                runs += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return runs
+
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if not out.chunks:
             return RunnerOutput(sampled={})

@@ -15,10 +15,11 @@ Policy (one step):
    then a continuing turn, then a new session's first turn), every `aging_s` of waiting lifting a
    request one class so no class starves; equal classes go in arrival order.
 3. When blocks run short, session pins are reclaimed before running requests are preempted, the
-   pin expected back last first. A request that does not return from a tool may reclaim at most
-   `pin_reclaim_fraction` of the pinned working set (admission control) unless the pin's blocks
-   are all in host RAM already (taking it back then costs only a restore); the preemption victim
-   is the running request of the lowest class, newest first.
+   pin expected back last first. A request below the first class (not returning from a tool, nor
+   aged into that class) may reclaim at most `pin_reclaim_fraction` of the pinned working set
+   (admission control) unless the pin's blocks are all in host RAM already (taking it back then
+   costs only a restore); the preemption victim is the running request of the lowest class,
+   newest first.
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -226,9 +227,10 @@ class Scheduler:
             n = min(req.num_tokens - match.num_tokens, budget)
             if not self.kv.allocate(req.request_id, match.num_tokens + n, match):
                 self._pressure = True
-                # Only a turn returning from a tool may take pins without bound; a reclaim may
-                # free blocks of this very match, so it is looked up again.
-                if self._reclaim_pin(req, unbounded=req.priority == 0):
+                # Only a turn of the first class (returning from a tool, or aged into it) may
+                # take pins without bound; a reclaim may free blocks of this very match, so it is
+                # looked up again.
+                if self._reclaim_pin(req, unbounded=self._effective_class(req, now)[0] <= 0):
                     continue
                 break
             self.waiting.remove(req)

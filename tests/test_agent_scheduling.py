@@ -188,3 +188,23 @@ def test_twenty_turn_session_reuses_its_whole_context() -> None:
         computed_before = len(out.prompt_token_ids) + len(out.token_ids) - 1
     assert len(s.items) == 20 and s.state.value == "idle"
     llm.engine.check_integrity()
+
+
+@pytest.mark.parametrize("aging_s", [0.05, 1e6])
+def test_aging_lifts_the_pin_reclaim_bound(tiny_llama_dir: Path, aging_s: float) -> None:
+    """A fresh request that needs more than the bounded share of pinned blocks waits; once aging
+    lifts it into the first class it may take pins like a tool return (with no aging it is still
+    waiting when the check ends, pins lasting 60 s)."""
+    llm = LLM(str(tiny_llama_dir), num_blocks=32, pin_reclaim_fraction=0.25, pin_default_ttl_s=60.0,
+              aging_s=aging_s)
+    engine = llm.engine
+    for i in range(4):
+        _run(engine, engine.add_request(_rand(64, 300 + i), SamplingParams(max_tokens=1), session_id=f"s{i}", priority=2))
+    assert engine.kv_manager.pinned_blocks() == 16
+    big = engine.add_request(_rand(16 * 27 + 5, 600), SamplingParams(max_tokens=2), priority=2)
+    deadline = time.monotonic() + 2.0
+    while not big.status.finished and time.monotonic() < deadline:
+        engine.step()
+        time.sleep(0.01)
+    assert big.status.finished == (aging_s < 1)
+    engine.check_integrity()

@@ -48,6 +48,20 @@ def test_tiny_model_matches_transformers_on_every_path(tiny_llama_dir: Path, tin
     assert runner.spec_hits > 0  # decode steps launched ahead were used
 
 
+def test_kernel_warmup_leaves_the_engine_exact(tiny_llama_dir: Path, tiny_refs) -> None:
+    """The start-up pass over the kernel variants (run by the engine on CUDA) writes only into
+    free blocks: requests afterwards still get transformers' tokens."""
+    prompts, refs = tiny_refs
+    llm = LLM(str(tiny_llama_dir), device=DEVICE, dtype="float32", attention_backend="triton",
+              block_size=4, num_blocks=64, max_num_seqs=4, enforce_eager=True)
+    engine = llm.engine
+    sizes = {engine.runner.backend.splits_for(b) for b in range(1, 3)}  # type: ignore[attr-defined]
+    assert engine.runner.warmup(2) == 2 * len(sizes) == 4
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == refs
+    engine.check_integrity()
+
+
 def test_launched_ahead_steps_with_eos_stops_and_arrivals(tiny_llama_dir: Path, tiny_refs) -> None:
     """Sequences stopping on a token mid-run (so a step launched ahead is dropped), arrivals
     joining a running batch, and eager mode agree token for token."""
