@@ -109,8 +109,9 @@ class ModelRunner:
             return 0
         sizes = [b for b in range(1, max_num_seqs + 1) if b == 1 or splits_for(b) != splits_for(b - 1)]
         chunk = 2 * bs
+        max_positions = self.model.rope.cos.shape[0]
         runs = 0
-        for width in (2, 16):
+        for width in [w for w in (2, 16) if w * bs <= max_positions]:
             for b in sizes:
                 # b decodes of one token after bs cached ones (all over blocks 0-1: their writes
                 # land in block 1), then a prefill chunk that fills blocks 2-3 at the table's end.
