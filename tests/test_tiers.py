@@ -326,3 +326,31 @@ def test_redis_unreachable_at_start_serves_by_recompute(tiny_llama_dir: Path, ti
     finally:
         llm.close()
         server.stop()
+
+
+def test_block_client_over_a_unix_socket_with_auth_and_db(tmp_path: Path) -> None:
+    """unix:// URLs, AUTH and SELECT at connect; a wrong password is an outage (counted, every
+    read a miss), not an exception."""
+    from kvstore.redis_tier import RedisTier
+
+    sock = tmp_path / "r.sock"
+    server = RedisServer(tmp_path / "redis", None, "--unixsocket", str(sock), "--unixsocketperm", "700").start()
+    try:
+        fmt = BlockFormat("model-a", num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+        block = torch.randn(fmt.shape)
+        admin = server.client()
+        admin.config_set("requirepass", "s3cret")
+        good = RedisTier(f"unix://:s3cret@{sock}?db=3", fmt, connections=2)
+        assert good.available and good.put_many([(b"k" * 16, block)]) == 1
+        got = good.get_many([b"k" * 16])[0]
+        assert got is not None and torch.equal(got, block)
+        admin.execute_command("AUTH", "s3cret")
+        assert admin.execute_command("SELECT", 3) and admin.dbsize() == 1  # it went to db 3
+        bad = RedisTier(f"unix://:wrong@{sock}?db=3", fmt, connections=2, retry_interval_s=0.0)
+        errors = bad.stats.errors  # (its start-up ping already failed)
+        assert bad.get_many([b"k" * 16]) == [None]  # the block client's AUTH is refused
+        assert not bad.available and bad.stats.errors == errors + 1
+        good.close()
+        bad.close()
+    finally:
+        server.stop()
