@@ -284,12 +284,18 @@ def main() -> None:
         kw["kv_cache_gib"] = args.kv_cache_gib
     else:
         kw["num_blocks"] = args.num_blocks
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        "agents.json" if args.preset == "cpu" else f"agents-{args.agents}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     try:
         t0 = time.monotonic()
         llm = LLM(args.model, **kw)
-        setup_s = time.monotonic() - t0
+        meta = {"machine": platform.platform(), "card": card, "torch": torch.__version__,
+                "setup_s": time.monotonic() - t0, "args": vars(args)}
         engine = llm.engine
-        print(f"engine ready in {setup_s:.1f} s: {engine.kv_cache.num_blocks} device blocks of "
+        print(f"engine ready in {meta['setup_s']:.1f} s: {engine.kv_cache.num_blocks} device blocks of "
               f"{engine.kv_cache.bytes_per_block / 2**20:.2f} MiB", flush=True)
         # Kernels compile (and cuBLAS picks algorithms) for each new shape on first use: a short
         # run of the same workload first keeps that out of the first configuration's figures.
@@ -298,13 +304,14 @@ def main() -> None:
             t1 = time.monotonic()
             run(engine, "ember", warm)
             print(f"warm-up ({warm.agents} agents x 2 turns) took {time.monotonic() - t1:.1f} s", flush=True)
-        rows = []
         for c in args.configs.split(","):
             rows.append(run(engine, c, args))
             r = rows[-1]
             print(f"{c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
                   f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
                   f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s", flush=True)
+            # Written after every configuration: a run cut short keeps what it measured.
+            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         llm.close()
     finally:
         if proc is not None:
@@ -313,13 +320,6 @@ def main() -> None:
     for r in rows:
         print(f"{r['config']:12} {r['jct_mean_s']:9.2f} {r['jct_p95_s']:8.2f} {r['tool_ttft_p50_s']:9.3f} "
               f"{r['tool_ttft_p95_s']:9.3f} {r['tool_ttft_p50_steps']:7.1f} {r['prefix_hit_ratio']:5.2f}  {r['prompt_tokens_by_tier']}")
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    meta = {"machine": platform.platform(), "card": card, "torch": torch.__version__, "setup_s": setup_s,
-            "args": vars(args)}
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        "agents.json" if args.preset == "cpu" else f"agents-{args.agents}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("wrote", out)
 
 
