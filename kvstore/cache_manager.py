@@ -19,6 +19,7 @@ from kvstore.mover import REDIS, TierMover
 @dataclass(slots=True)
 class _Entry:
     blocks: list[Block] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the blocks' ids, kept in step (read every step)
     hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0  # blocks[:num_cached_blocks] are registered in the prefix index
     # Loaded blocks whose copies are still in flight: (hash, block), registered once they land
@@ -156,12 +157,15 @@ class KVCacheManager:
         if prefix:
             self.pool.touch(prefix)
             entry.blocks.extend(prefix)
+            entry.ids.extend(b.block_id for b in prefix)
             entry.num_cached_blocks = len(prefix)
         if lower:
             assert self.mover is not None
             self.mover.protect(lower)
         if need > 0:
-            entry.blocks.extend(self.pool.allocate(need))
+            new = self.pool.allocate(need)
+            entry.blocks.extend(new)
+            entry.ids.extend(b.block_id for b in new)
         if lower and match is not None:
             assert self.mover is not None
             targets = entry.blocks[len(prefix) : len(prefix) + len(lower)]
@@ -203,7 +207,7 @@ class KVCacheManager:
         entry.num_cached_blocks = num_full
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._entries[request_id].blocks]
+        return list(self._entries[request_id].ids)
 
     def num_allocated_blocks(self, request_id: str) -> int:
         entry = self._entries.get(request_id)
@@ -220,6 +224,7 @@ class KVCacheManager:
             entry.restoring = []
         self.pool.release(reversed(entry.blocks))
         entry.blocks = []
+        entry.ids = []
         entry.num_cached_blocks = 0
 
     def forget(self, request_id: str) -> None:
@@ -312,6 +317,7 @@ class KVCacheManager:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for rid, entry in self._entries.items():
             assert len(set(map(id, entry.blocks))) == len(entry.blocks), f"{rid}: block twice"
+            assert entry.ids == [b.block_id for b in entry.blocks], f"{rid}: block ids out of step"
             for b in entry.blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
             for i in range(entry.num_cached_blocks):
