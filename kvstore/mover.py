@@ -19,8 +19,9 @@ stream by events:
   its event completes; if such a request is dropped meanwhile, compute waits for the copy before
   its blocks can be reused;
 - a device block evicted while its offload is in flight makes compute wait for that offload;
-- host slots are written and read only by copies on the copy stream, except a write-back snapshot,
-  which first waits for the slot's copy.
+- host slots are written and read by copies on the copy stream, and by the Redis threads only
+  while lent to them: a fetch writes into its reserved slots after the copies queued before the
+  reservation, and write-back sends an evicted slot in place after that slot's own copy.
 Off CUDA every copy is synchronous and all of this is moot.
 
 Two worker threads do the Redis I/O: a reader (fetches, latency-sensitive) and a writer (batched
@@ -146,8 +147,9 @@ class TierMover:
         self._written_lock = threading.Lock()  # shared by the engine thread and the writer
         self.max_pending_write_bytes = max_pending_write_bytes
         self._max_pending = max(1, max_pending_write_bytes // self.block_bytes)
-        if host is not None and redis is not None and not self.write_through:
-            host.on_evict = self._host_evicted  # write-back: host eviction demotes to Redis
+        if host is not None:  # (a host slab outlives a mover: see LLMEngine.reset)
+            write_back = redis is not None and not self.write_through
+            host.on_evict = self._host_evicted if write_back else None  # host eviction demotes to Redis
         self._read_q: queue.SimpleQueue[_Fetch | None] = queue.SimpleQueue()
         self._done_q: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
         self._write_q: queue.Queue[_Write | None] = queue.Queue(maxsize=self._max_pending)

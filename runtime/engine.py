@@ -240,8 +240,7 @@ class LLMEngine:
     def check_integrity(self) -> None:
         self.kv_manager.check_integrity()
 
-    def reset(self, scheduler: SchedulerConfig | None = None, host: bool = True, redis: bool = True,
-              prefix_caching: bool = True) -> None:
+    def reset(self, scheduler: SchedulerConfig | None = None, host: bool = True, redis: bool = True) -> None:
         """Drop every request, pin and cached block (device and host; Redis keeps its keys) and
         start over under another scheduler config and set of tiers, keeping the weights, the KV
         buffers, the graphs and the host slab. For benchmarks that compare policies on one
@@ -263,7 +262,7 @@ class LLMEngine:
         self.mover = mover
         sched_cfg = scheduler or self.cfg.scheduler
         self.kv_manager = KVCacheManager(self.kv_cache.num_blocks, self.cfg.cache.block_size,
-                                         prefix_caching and self.cfg.cache.enable_prefix_caching, mover)
+                                         self.cfg.cache.enable_prefix_caching, mover)
         self.scheduler = Scheduler(sched_cfg, self.kv_manager, self.model_config.eos_token_ids, self.cfg.tiers.load_timeout_s)
         self.outputs = OutputProcessor(self.tokenizer)
 

@@ -300,6 +300,12 @@ def test_capacity_bounds_and_write_back(tiny_llama_dir: Path, tmp_path: Path) ->
         info = server.client().info("memory")
         assert info["used_memory"] <= info["maxmemory"] * 1.05
         engine.check_integrity()
+        # Without the Redis tier the same host slab evicts to nowhere: no slot is lent out.
+        engine.reset(redis=False)
+        for seed in range(80, 100):
+            llm.generate([_rand(200, seed=seed)], SamplingParams(max_tokens=1))
+        assert mover.host.num_lent == 0 and len(mover.host) == mover.host.num_slots
+        engine.check_integrity()
         llm.close()
     finally:
         server.stop()
