@@ -139,7 +139,9 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
         a.start += t0  # (an offset until now)
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
     by_request: dict[str, Agent] = {}
-    trace: list[tuple[float, ...]] = []  # per step: start, seqs, prefill tokens, schedule/execute/update s
+    # Per step: start, seqs, prefill tokens, schedule/execute/update s, then after the step the
+    # requests running / waiting / loading, free device blocks and pinned sessions.
+    trace: list[tuple[float, ...]] = []
 
     def start_turn(a: Agent, since: float) -> None:
         req = se.start_turn(a.session, params)
@@ -172,7 +174,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
         outs = engine.step()
         num_steps += 1
         st = engine.last_step
-        trace.append((ts - t0, st.num_seqs, st.num_prefill_tokens, st.schedule_s, st.execute_s, st.update_s))
+        sc = engine.scheduler
+        trace.append((ts - t0, st.num_seqs, st.num_prefill_tokens, st.schedule_s, st.execute_s, st.update_s,
+                      len(sc.running), len(sc.waiting), len(sc.loading), engine.kv_manager.pool.num_free,
+                      engine.kv_manager.num_pins))
         for out in outs:
             a = by_request.get(out.request_id)
             if a is None:
@@ -195,12 +200,12 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
     wall = time.monotonic() - t0
     jct = [a.done_at - a.start for a in agents if a.done_at is not None]
     ttft = [t for a in agents for t in a.ttfts]
-    step_s = [sum(x[3:]) for x in trace if x[2] == 0 and x[1] > 0]  # steps that ran decodes only
+    step_s = [sum(x[3:6]) for x in trace if x[2] == 0 and x[1] > 0]  # steps that ran decodes only
     decode_step = statistics.median(step_s) if step_s else float("nan")
     buckets: dict[str, list[float]] = {}
     for x in trace:
         b = "0" if x[2] == 0 else "1-512" if x[2] <= 512 else "513-1024" if x[2] <= 1024 else ">1024"
-        buckets.setdefault(b, []).append(sum(x[3:]))
+        buckets.setdefault(b, []).append(sum(x[3:6]))
     tiers = engine.scheduler.stats.prompt_tokens_by_tier
     prompt = sum(tiers.values())
     mv = engine.mover

@@ -74,8 +74,9 @@ def main() -> None:
     attn_flops = seqs * 4 * HEADS * HEAD_DIM * n * (n + 1) / 2
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2,)):
         try:
+            tiles = torch.from_numpy(paged_attention.prefill_tiles([n] * seqs, [n] * seqs, bm)).cuda()
             ms = cuda_time_ms(lambda: paged_attention.paged_prefill(
-                q, kc, vc, tables, starts, lens, lens, n, block_m=bm, block_n=bn, num_warps=warps,
+                q, kc, vc, tables, starts, lens, lens, tiles, block_m=bm, block_n=bn, num_warps=warps,
                 num_stages=stages), iters=10)
         except Exception as e:  # a tile too large for shared memory
             print(f"prefill {bm}x{bn} w{warps} s{stages}: {type(e).__name__}")

@@ -12,7 +12,9 @@ inputs the dot products use IEEE float32 (no TF32), so a float32 model matches i
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -244,24 +246,27 @@ def paged_decode(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Out,
+    Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Tiles, Out,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_bt,
+    stride_tiles,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M new tokens of one sequence, one query head. New token i sits at
-    # absolute position prefix + i and attends to every key at or before it (cached or new).
-    mb = tl.program_id(0)
-    seq = tl.program_id(1)
-    h = tl.program_id(2)
-    qlen = tl.load(QueryLen + seq)
-    if mb * BLOCK_M >= qlen:
+    # One program: one query head, one tile of the tile table = BLOCK_M new tokens of one
+    # sequence. New token i sits at absolute position prefix + i and attends to every key at or
+    # before it (cached or new). A tile of sequence -1 is padding (a graph's fixed grid).
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    seq = tl.load(Tiles + tile)
+    if seq < 0:
         return
+    mb = tl.load(Tiles + stride_tiles + tile)
+    qlen = tl.load(QueryLen + seq)
     qstart = tl.load(QueryStart + seq).to(tl.int64)
     ctx = tl.load(ContextLens + seq)
     prefix = ctx - qlen
@@ -292,6 +297,38 @@ def _prefill_kernel(
              out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
+def prefill_block_m(dtype: torch.dtype, head_dim: int) -> int:
+    """Query rows per extend-kernel tile (the unit of `prefill_tiles`)."""
+    return 32 if head_dim > 128 and dtype == torch.float32 else 64  # float32 x 256 dims: shared memory
+
+
+def prefill_tiles(query_lens: Sequence[int] | np.ndarray, context_lens: Sequence[int] | np.ndarray, block_m: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """The extend kernel's work list, (2, num_tiles) int32: row 0 the sequence, row 1 the query
+    tile within it. Tiles that see the most keys come first: the causal tail of a long prompt
+    does the most work, and starting it first evens out when the programs finish. Into `out`
+    (2, >= num_tiles) when given, its other columns set to padding (sequence -1)."""
+    seqs: list[int] = []
+    tiles: list[int] = []
+    keys: list[int] = []
+    for s, (ql, ctx) in enumerate(zip(map(int, query_lens), map(int, context_lens))):
+        prefix = ctx - ql
+        for mb in range(-(-ql // block_m)):
+            seqs.append(s)
+            tiles.append(mb)
+            keys.append(min(ctx, prefix + (mb + 1) * block_m))
+    order = np.argsort(-np.asarray(keys, dtype=np.int64), kind="stable")
+    n = len(seqs)
+    if out is None:
+        out = np.empty((2, n), dtype=np.int32)
+    elif out.shape[1] < n:
+        raise ValueError(f"{n} tiles do not fit a table of {out.shape[1]}")
+    out[0, :n] = np.asarray(seqs, dtype=np.int32)[order]
+    out[1, :n] = np.asarray(tiles, dtype=np.int32)[order]
+    out[:, n:] = -1
+    return out
+
+
 def paged_prefill(
     q: torch.Tensor,  # (num_tokens, num_heads, head_dim): each sequence's new tokens, contiguous
     k_cache: torch.Tensor,
@@ -300,34 +337,36 @@ def paged_prefill(
     query_start: torch.Tensor,  # (num_seqs,) int32: the sequence's first row in q
     query_lens: torch.Tensor,  # (num_seqs,) int32, each >= 1
     context_lens: torch.Tensor,  # (num_seqs,) int32: cached prefix + query_len
-    max_query_len: int,
+    tiles: torch.Tensor,  # (2, num_tiles) int32: `prefill_tiles` of the same lengths and block_m
     out: torch.Tensor | None = None,
-    block_m: int = 64,
+    block_m: int | None = None,  # default `prefill_block_m`
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+    The grid is the tile table's width, so a CUDA graph can hold a launch whose sequences and
+    lengths change between replays (padding tiles do nothing). Launches no host sync."""
     out = _check_q_out(q, k_cache, v_cache, out, "num_tokens")
     num_seqs = block_tables.shape[0]
     _check_index("block_tables", block_tables, 2, num_seqs)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
         _check_index(name, t, 1, num_seqs)
-    if max_query_len < 1:
-        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
-    if num_seqs == 0:
-        return out
+    _check_index("tiles", tiles, 2, 2)
     tokens, heads, head_dim = q.shape
+    if num_seqs == 0 or tiles.shape[1] == 0:
+        return out
+    block_m = block_m or prefill_block_m(q.dtype, head_dim)
     if head_dim > 128 and q.dtype == torch.float32:
-        block_m = block_n = 32  # float32 tiles of 256 dims exceed shared memory at 64
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, heads)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
+        block_n = min(block_n, 32)  # (as prefill_block_m: float32 tiles of 256 dims exceed shared memory at 64)
+    _prefill_kernel[(heads, tiles.shape[1])](
+        q, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, tiles, out,
         LOG2E / math.sqrt(head_dim),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
+        tiles.stride(0),
         out.stride(0), out.stride(1),
         GROUP=heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),

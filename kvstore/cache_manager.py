@@ -304,6 +304,10 @@ class KVCacheManager:
         return len({b.block_id for p in self._pins.values() for b in p.blocks})
 
     @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
+    @property
     def num_in_use(self) -> int:
         return self.pool.num_blocks - self.pool.num_free
 

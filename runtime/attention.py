@@ -120,7 +120,7 @@ class TritonMetadata:
     query_start: torch.Tensor  # (num_seqs,) int32
     query_lens: torch.Tensor  # (num_seqs,) int32
     num_decodes: int  # the first num_decodes sequences have one new token each
-    max_query_len: int  # over the sequences after the decodes (0 when there are none)
+    tiles: torch.Tensor | None  # (2, num_tiles) int32: the extend kernel's work over the rest; None: no extends
     num_splits: int  # context splits of the decode kernel
 
 
@@ -128,14 +128,16 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention in Triton kernels (kernels/): the KV write, then decodes through the
     split-context decode kernel and prefill chunks through the extend kernel, all reading K/V
     in place from the paged cache. Metadata is built on the host without reading anything back
-    from the device, and a CUDA graph can hold `forward` with metadata in persistent buffers."""
+    from the device, and a CUDA graph can hold `forward` with metadata in persistent buffers
+    (the extend kernel's grid is its tile table's width, padding tiles inert)."""
 
-    def __init__(self, num_kv_heads: int, device: torch.device) -> None:
+    def __init__(self, num_kv_heads: int, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
         from kernels import cache_ops, paged_attention
 
         self.cache_ops = cache_ops
         self.attn = paged_attention
         self.num_kv_heads = num_kv_heads
+        self.block_m = paged_attention.prefill_block_m(dtype, head_dim)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def splits_for(self, num_decodes: int) -> int:
@@ -157,6 +159,10 @@ class TritonAttentionBackend(AttentionBackend):
             if s.query_len == 1 and num_decodes == i:
                 num_decodes += 1
         seq_t = torch.from_numpy(seq).to(device, non_blocking=True)
+        tiles = None
+        if num_decodes < len(slices):
+            tiles = torch.from_numpy(self.attn.prefill_tiles(seq[1, num_decodes:], seq[2, num_decodes:], self.block_m))
+            tiles = tiles.to(device, non_blocking=True)
         return TritonMetadata(
             slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
             block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
@@ -164,7 +170,7 @@ class TritonAttentionBackend(AttentionBackend):
             query_start=seq_t[0],
             query_lens=seq_t[1],
             num_decodes=num_decodes,
-            max_query_len=max((s.query_len for s in slices[num_decodes:]), default=0),
+            tiles=tiles,
             num_splits=self.splits_for(num_decodes),
         )
 
@@ -178,9 +184,9 @@ class TritonAttentionBackend(AttentionBackend):
                 q[:n], k_cache, v_cache, meta.block_tables[:n], meta.context_lens[:n],
                 num_splits=meta.num_splits, out=out[:n],
             )
-        if meta.max_query_len:
+        if meta.tiles is not None:
             self.attn.paged_prefill(
                 q, k_cache, v_cache, meta.block_tables[n:], meta.query_start[n:], meta.query_lens[n:],
-                meta.context_lens[n:], meta.max_query_len, out=out,
+                meta.context_lens[n:], meta.tiles, out=out, block_m=self.block_m,
             )
         return out

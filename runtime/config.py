@@ -191,7 +191,7 @@ class EngineConfig:
     device: str = "cpu"
     # "auto": Triton kernels on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1
     attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    enforce_eager: bool = False  # True: no CUDA graphs (every step eager)
     seed: int = 0
     max_model_len: int | None = None  # defaults to the model's
     cache_dir: Path = Path.home() / ".cache" / "ember"

@@ -21,7 +21,7 @@ from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
 from kvstore.mover import TierMover
 from runtime.attention import TorchAttentionBackend, TritonAttentionBackend
 from runtime.config import EngineConfig, ModelConfig, SchedulerConfig
-from runtime.cuda_graphs import DecodeGraphs
+from runtime.cuda_graphs import MIXED_TOKENS, StepGraphs
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_tiers import build_tiers
 from runtime.metrics import Metrics
@@ -86,23 +86,25 @@ class LLMEngine:
     def _make_runner(self, model: LlamaForCausalLM, mcfg: ModelConfig) -> ModelRunner:
         """The torch backend with eager ops (the CPU default); or the Triton backend (the CUDA
         default, or on CPU under TRITON_INTERPRET) with fused layer ops and, unless
-        `enforce_eager`, decode through the graph runner (captured on CUDA)."""
+        `enforce_eager`, decode and mixed steps through the graph runner (captured on CUDA)."""
         if self.cfg.backend_name == "torch":
             return ModelRunner(model, self.kv_cache, TorchAttentionBackend(), self.device)
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend='triton' needs CUDA, or TRITON_INTERPRET=1 to run its "
                              "kernels in Triton's interpreter on the CPU (slow: tests only)")
-        backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device)
+        backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device, self.kv_cache.data.dtype, mcfg.head_dim)
         model.ops = TritonOps()
         runner = ModelRunner(model, self.kv_cache, backend, self.device)
         if not self.cfg.enforce_eager:  # (off CUDA: the same path without capture, for tests)
+            sched = self.cfg.scheduler
             max_blocks = -(-self.max_model_len // self.cfg.cache.block_size)
-            runner.graphs = DecodeGraphs(
-                model, self.kv_cache, backend, self.cfg.scheduler.max_num_seqs, max_blocks, self.device
+            runner.graphs = StepGraphs(
+                model, self.kv_cache, backend, sched.max_num_seqs, max_blocks, self.device,
+                max_tokens=min(sched.max_num_batched_tokens, MIXED_TOKENS[-1]),
             )
             t0 = time.perf_counter()
             runner.graphs.capture()
-            log.info("captured %d decode graphs in %.1f s", len(runner.graphs.sizes), time.perf_counter() - t0)
+            log.info("captured %d step graphs in %.1f s", runner.graphs.num_graphs, time.perf_counter() - t0)
         if self.device.type == "cuda":  # (the interpreter compiles nothing)
             t0 = time.perf_counter()
             n = runner.warmup(self.cfg.scheduler.max_num_seqs)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from runtime.attention import AttentionBackend, SeqSlice
-from runtime.cuda_graphs import DecodeBatch, DecodeGraphs
+from runtime.cuda_graphs import DecodeBatch, MixedBatch, StepGraphs
 from runtime.kv_cache import PagedKVCache
 from runtime.models.llama import LlamaForCausalLM
 from runtime.request import Request
@@ -63,7 +63,7 @@ class ModelRunner:
         self.num_forward_passes = 0
         self.grammar: Any = None  # a GrammarMasker, made on first use (needs the tokenizer)
         self.grammar_factory: Any = None
-        self.graphs: DecodeGraphs | None = None  # set by the engine for the Triton backend unless eager
+        self.graphs: StepGraphs | None = None  # set by the engine for the Triton backend unless eager
         # (request, num_tokens) -> its block ids after growing its table to hold num_tokens, or
         # None when the pool cannot; set by the engine to let decode steps be launched ahead
         self.reserve: Callable[[Request, int], list[int] | None] | None = None
@@ -131,10 +131,14 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if not out.chunks:
             return RunnerOutput(sampled={})
-        if self.graphs is not None and len(out.chunks) <= self.graphs.max_batch and all(
-            c.num_tokens == 1 for c in out.chunks
-        ):
-            return self._execute_graphed(out.chunks)
+        if self.graphs is not None:
+            # decodes come first: the steps's decodes are its chunks up to the first longer one
+            nd = next((i for i, c in enumerate(out.chunks) if c.num_tokens != 1), len(out.chunks))
+            if nd == len(out.chunks) and nd <= self.graphs.max_batch:
+                return self._execute_graphed(out.chunks)
+            batch = self.graphs.mixed_batch(nd, [c.num_tokens for c in out.chunks[nd:]])
+            if batch is not None:
+                return self._execute_mixed(out.chunks, nd, batch)
 
         ids: list[int] = []
         positions: list[int] = []
@@ -182,6 +186,47 @@ class ModelRunner:
             self._spec = self._speculate(launched, chunks)
         tokens = launched.read_tokens()  # the step's one synchronisation
         return RunnerOutput(sampled={c.request.request_id: t for c, t in zip(chunks, tokens)})
+
+    def _execute_mixed(self, chunks: list[ScheduledChunk], nd: int, batch: MixedBatch) -> RunnerOutput:
+        """Decodes and prefill chunks in one replay of a mixed-step graph (see StepGraphs)."""
+        assert self.graphs is not None
+        bs = self.kv_cache.block_size
+        d = batch.num_decodes
+        width = 0
+        for i, c in enumerate(chunks[:nd]):
+            pos = c.start
+            nblocks = pos // bs + 1
+            batch.input_ids[i] = c.request.token_ids[pos]
+            batch.positions[i] = pos
+            batch.slots[i] = c.block_ids[pos // bs] * bs + pos % bs
+            batch.context_lens[i] = pos + 1
+            batch.block_tables[i, :nblocks] = c.block_ids[:nblocks]
+            width = max(width, nblocks)
+        row = d
+        for j, c in enumerate(chunks[nd:]):
+            n, end = c.num_tokens, c.start + c.num_tokens
+            nblocks = -(-end // bs)
+            table = np.asarray(c.block_ids[:nblocks], dtype=np.int64)
+            at = np.arange(c.start, end)
+            batch.input_ids[row : row + n] = c.request.token_ids[c.start : end]
+            batch.positions[row : row + n] = at
+            batch.slots[row : row + n] = table[at // bs] * bs + at % bs
+            batch.query_start[d + j], batch.query_lens[d + j], batch.context_lens[d + j] = row, n, end
+            batch.block_tables[d + j, :nblocks] = table
+            batch.sample_rows[d + j] = row + n - 1
+            width = max(width, nblocks)
+            row += n
+        self.num_forward_passes += 1
+        logits = self.graphs.run_mixed(batch, width)  # (D + max_prefills, vocab_size)
+        sampling = [(i if i < nd else d + i - nd) for i, c in enumerate(chunks) if c.samples]
+        if not sampling:
+            return RunnerOutput(sampled={})
+        reqs = [c.request for c in chunks if c.samples]
+        rows = torch.tensor(sampling, device=self.device)
+        if all(_plain_greedy(r) for r in reqs):
+            tokens = logits.index_select(0, rows).argmax(dim=-1).tolist()
+            return RunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        return self._sample(logits.index_select(0, rows).float(), reqs)
 
     def _launch(self, chunks: list[ScheduledChunk], key: tuple[tuple[str, int], ...]) -> _Launched:
         assert self.graphs is not None

@@ -51,6 +51,7 @@ class IncrementalDetokenizer:
 @dataclass(slots=True)
 class _TextState:
     detok: IncrementalDetokenizer | None
+    prompt_ids: list[int]  # one copy shared by every output of the request (not to be mutated)
     text: str = ""
     sent_tokens: int = 0
 
@@ -61,8 +62,9 @@ class OutputProcessor:
         self._states: dict[str, _TextState] = {}
 
     def add(self, req: Request) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, req.token_ids[: req.num_prompt_tokens]) if self.tokenizer else None
-        self._states[req.request_id] = _TextState(detok)
+        prompt = req.token_ids[: req.num_prompt_tokens]
+        detok = IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer else None
+        self._states[req.request_id] = _TextState(detok, prompt)
 
     def process(self, req: Request) -> tuple[RequestOutput, str | None]:
         """The output for `req` after its latest tokens, and the stop string found in them, if any
@@ -88,7 +90,7 @@ class OutputProcessor:
         finished = req.status.finished or hit is not None
         out = RequestOutput(
             request_id=req.request_id,
-            prompt_token_ids=req.token_ids[: req.num_prompt_tokens],
+            prompt_token_ids=st.prompt_ids,
             token_ids=out_ids,
             text=st.text,
             delta_token_ids=new_ids,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,13 +102,15 @@ def test_paged_prefill(dtype, head_dim, heads, kv_heads, page) -> None:
     starts = [sum(qlens[:i]) for i in range(len(qlens))]
     q = torch.randn(sum(qlens), heads, head_dim, device=DEV).to(dtype)
     out = torch.full_like(q, float("nan"))
-    blk = {} if CUDA else {"block_m": 8, "block_n": 8}
+    block_m = paged_attention.prefill_block_m(dtype, head_dim) if CUDA else 8
+    pad = np.empty((2, sum(-(-n // block_m) for n in qlens) + 3), np.int32)  # padding tiles do nothing
+    tiles = torch.from_numpy(paged_attention.prefill_tiles(qlens, ctx, block_m, out=pad))
     paged_attention.paged_prefill(
         q, kc, vc, table,
         torch.tensor(starts, dtype=torch.int32, device=DEV),
         torch.tensor(qlens, dtype=torch.int32, device=DEV),
         torch.tensor(ctx, dtype=torch.int32, device=DEV),
-        max(qlens), out=out, **blk,
+        tiles.to(DEV), out=out, block_m=block_m, block_n=64 if CUDA else 8,
     )
     for s, (start, n, c) in enumerate(zip(starts, qlens, ctx)):
         ids = table[s, : -(-c // page)].long()
