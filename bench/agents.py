@@ -3,6 +3,7 @@ the ablations run in the same process on the same loaded model.
 
     python bench/agents.py                     # CPU: SmolLM2, 6 agents x 4 turns
     python bench/agents.py --preset gpu [--agents 128]   # one GPU: Llama-3-8B shape, dummy bf16
+    python bench/agents.py --preset gpu --runs 128:ember,no_priority 64:ember,stateless   # several scales
 
 Each agent opens a session with a task of --start-tokens tokens (system prompt included), then
 each turn decodes --decode-tokens tokens, "calls" a tool that takes lognormal(--tool-mu,
@@ -22,7 +23,7 @@ A name may end in ":N" (say ember:1024) to run with a per-step token budget of N
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
-Writes bench/results/agents[-<agents>].json.
+Writes bench/results/agents[-<agents>...].json.
 """
 from __future__ import annotations
 
@@ -270,6 +271,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-agents", type=int, default=32, help="agents of the untimed warm-up run (0: none)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--runs", nargs="*", default=None, metavar="N:CONFIGS",
+                    help="agent counts with their configurations, one loaded model for all (say "
+                         "128:ember,no_priority 64:ember,stateless); instead of --agents/--configs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.preset == "gpu":  # the reference workload, unless a flag given on the command line says otherwise
@@ -290,8 +294,10 @@ def main() -> None:
     else:
         kw["num_blocks"] = args.num_blocks
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    runs = [(int(n), c.split(",")) for n, _, c in (r.partition(":") for r in args.runs)] if args.runs else \
+        [(args.agents, args.configs.split(","))]
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        "agents.json" if args.preset == "cpu" else f"agents-{args.agents}.json")
+        "agents.json" if args.preset == "cpu" else f"agents-{'-'.join(str(n) for n, _ in runs)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     try:
@@ -304,26 +310,28 @@ def main() -> None:
               f"{engine.kv_cache.bytes_per_block / 2**20:.2f} MiB", flush=True)
         # Kernels compile (and cuBLAS picks algorithms) for each new shape on first use: a short
         # run of the same workload first keeps that out of the first configuration's figures.
-        warm = argparse.Namespace(**{**vars(args), "agents": min(args.agents, args.warmup_agents), "turns": 2})
+        warm = argparse.Namespace(**{**vars(args), "agents": min(max(n for n, _ in runs), args.warmup_agents), "turns": 2})
         if args.warmup_agents:
             t1 = time.monotonic()
             run(engine, "ember", warm)
             print(f"warm-up ({warm.agents} agents x 2 turns) took {time.monotonic() - t1:.1f} s", flush=True)
-        for c in args.configs.split(","):
-            rows.append(run(engine, c, args))
-            r = rows[-1]
-            print(f"{c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
-                  f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
-                  f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s", flush=True)
-            # Written after every configuration: a run cut short keeps what it measured.
-            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        for agents, configs in runs:
+            step_args = argparse.Namespace(**{**vars(args), "agents": agents})
+            for c in configs:
+                rows.append({"agents": agents, **run(engine, c, step_args)})
+                r = rows[-1]
+                print(f"{agents:4d} {c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
+                      f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
+                      f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s", flush=True)
+                # Written after every configuration: a run cut short keeps what it measured.
+                out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         llm.close()
     finally:
         if proc is not None:
             proc.kill()
-    print(f"\n{'config':12} {'JCT mean':>9} {'JCT p95':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'steps50':>7} {'hit':>5}  tokens by tier")
+    print(f"\n{'agents':>6} {'config':12} {'JCT mean':>9} {'JCT p95':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'steps50':>7} {'hit':>5}  tokens by tier")
     for r in rows:
-        print(f"{r['config']:12} {r['jct_mean_s']:9.2f} {r['jct_p95_s']:8.2f} {r['tool_ttft_p50_s']:9.3f} "
+        print(f"{r['agents']:6d} {r['config']:12} {r['jct_mean_s']:9.2f} {r['jct_p95_s']:8.2f} {r['tool_ttft_p50_s']:9.3f} "
               f"{r['tool_ttft_p95_s']:9.3f} {r['tool_ttft_p50_steps']:7.1f} {r['prefix_hit_ratio']:5.2f}  {r['prompt_tokens_by_tier']}")
     print("wrote", out)
 

@@ -4,22 +4,24 @@
 applies the sampled tokens. The scheduler never touches a tensor.
 
 Policy (one step):
-1. Running requests, oldest first, each get their next chunk: one token for a decode, up to the
-   remaining budget for an unfinished prefill. When the pool cannot hold a chunk, the newest running
-   request is preempted (its blocks freed, its tokens kept; it recomputes later, re-hitting whatever
-   is still cached) until the chunk fits or the request itself was the one preempted.
-2. If nothing was preempted, waiting requests are admitted in order while budget, sequence slots
-   and blocks last, each after a longest-prefix match that continues from the device through host
-   RAM; a prompt longer than the budget is chunked across steps.
-   The next request admitted is the one of the best priority class (a turn returning from a tool,
-   then a continuing turn, then a new session's first turn), every `aging_s` of waiting lifting a
+1. Running requests whose next chunk is a decode each get their one token, oldest first. When the
+   pool cannot hold a chunk, the newest running request of the lowest class is preempted (its
+   blocks freed, its tokens kept; it recomputes later, re-hitting whatever is still cached) until
+   the chunk fits or the request itself was the one preempted (then nothing more is scheduled).
+2. Waiting requests of the first class (a turn returning from a tool, one aged into that class, or
+   a preempted request) are admitted next, so a tool's result is not queued behind other turns'
+   prompts; then running requests' prefill chunks get the budget left, as in 1.
+3. If nothing was preempted, the other waiting requests are admitted while budget, sequence slots
+   and blocks last. Each admission follows a longest-prefix match that continues from the device
+   through host RAM; a prompt longer than the budget is chunked across steps. The next request
+   admitted is the one of the best priority class (a turn returning from a tool, then a
+   continuing turn, then a new session's first turn), every `aging_s` of waiting lifting a
    request one class so no class starves; equal classes go in arrival order.
-3. When blocks run short, session pins are reclaimed before running requests are preempted, the
-   pin expected back last first. A request below the first class (not returning from a tool, nor
-   aged into that class) may reclaim at most `pin_reclaim_fraction` of the pinned working set
-   (admission control) unless the pin's blocks are all in host RAM already (taking it back then
-   costs only a restore); the preemption victim is the running request of the lowest class,
-   newest first.
+   When blocks run short, session pins are reclaimed first, the pin expected back last first. A
+   request below the first class may reclaim at most `pin_reclaim_fraction` of the pinned working
+   set (admission control) unless the pin's blocks are all in host RAM already (taking it back
+   then costs only a restore). A first-class request may also displace a running request of a
+   worse class when a host tier holds the victim's blocks (it comes back with a restore).
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -78,6 +80,7 @@ class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
     num_pin_reclaims: int = 0
+    num_displaced: int = 0  # running requests preempted to admit a turn of the first class
     num_computed_prompt_tokens: int = 0  # prompt tokens run through the model (not from cache)
     prompt_tokens_by_tier: dict[str, int] = field(
         default_factory=lambda: {"gpu": 0, "host": 0, "redis": 0, "recomputed": 0}
@@ -142,37 +145,49 @@ class Scheduler:
             self._pinned_high_water = self.kv.pinned_blocks()
         self._pressure = False
         out = SchedulerOutput()
-        budget = self.cfg.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if not self.kv.restore_ready(req.request_id):
-                i += 1  # its prefix is still being copied in: it joins a later step
+        budget = self._run_pass(out, self.cfg.max_num_batched_tokens, decodes=True)
+        if budget is not None:
+            if not out.preempted:
+                budget = self._admit(out, budget, now, first_class_only=True)
+            budget = self._run_pass(out, budget, decodes=False)
+        if budget is not None and not out.preempted:
+            self._admit(out, budget, now)
+        out.chunks.sort(key=lambda c: c.num_tokens != 1)
+        self.stats.num_steps += bool(out.chunks)
+        return out
+
+    def _run_pass(self, out: SchedulerOutput, budget: int | None, decodes: bool) -> int | None:
+        """Give the running requests whose next chunk is a decode (or, with `decodes` off, a
+        prefill chunk) that chunk, oldest first; returns the budget left, or None once a request
+        had to preempt itself (nothing more is scheduled this step)."""
+        if budget is None:
+            return None
+        scheduled = {c.request.request_id for c in out.chunks}
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            remaining = req.num_tokens - req.num_computed_tokens
+            if (remaining == 1) != decodes or req.request_id in scheduled or req.status != RequestStatus.RUNNING:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.restore_ready(req.request_id):
+                continue  # its prefix is still being copied in: it joins a later step
+            n = min(remaining, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 self._pressure = True
                 if self._reclaim_pin(req, unbounded=True):
                     continue
                 # The victim: lowest class, then newest, among those not yet scheduled this step.
-                j = max(range(i, len(self.running)), key=lambda k: (self.running[k].priority, self.running[k].arrival_time))
-                victim = self.running.pop(j)
+                victim = max((r for r in self.running if r.request_id not in scheduled),
+                             key=lambda r: (r.priority, r.arrival_time))
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
-                    break
-            else:
-                out.chunks.append(self._chunk(req, n))
-                budget -= n
-                i += 1
-                continue
-            break
-        if not out.preempted:
-            self._admit(out, budget)
-        out.chunks.sort(key=lambda c: c.num_tokens != 1)
-        self.stats.num_steps += bool(out.chunks)
-        return out
-
+                    return None
+            out.chunks.append(self._chunk(req, n))
+            scheduled.add(req.request_id)
+            budget -= n
+        return budget
     def _collect_loads(self) -> None:
         assert self.kv.mover is not None
         back = [self.loading.pop(rid) for rid in self.kv.mover.poll() if rid in self.loading]
@@ -203,15 +218,49 @@ class Scheduler:
             return True
         return False
 
+    def _class(self, req: Request, now: float) -> float:
+        """The request's class after aging: every `aging_s` of waiting lifts it one class."""
+        return req.priority - (now - req.arrival_time) // self.cfg.aging_s
+
     def _effective_class(self, req: Request, now: float) -> tuple[float, float]:
         if req.status == RequestStatus.PREEMPTED:
             return (-1e9, req.arrival_time)  # it already held the batch: back first
-        return (req.priority - (now - req.arrival_time) // self.cfg.aging_s, req.arrival_time)
+        return (self._class(req, now), req.arrival_time)
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        now = time.monotonic()
+    def _displace(self, req: Request, out: SchedulerOutput, now: float) -> int | None:
+        """Preempt one running request of a worse class than `req` to make room for it (its
+        chunk this step, if it had one, is dropped); returns the budget that frees, or None when
+        there is no such request. Only with a host tier: the victim's blocks have host copies
+        (offloaded as computed, or demoted as they leave), so taking its place costs it a
+        restore, not a recompute. A victim waits with its class intact and may not displace
+        others in turn; aging bounds how often it can be displaced."""
+        if self.kv.mover is None or self.kv.mover.host is None:
+            return None
+        mine = self._class(req, now)
+        victims = [r for r in self.running if self._class(r, now) > mine]
+        if not victims:
+            return None
+        victim = max(victims, key=lambda r: (self._class(r, now), r.arrival_time))
+        freed = 0
+        for c in [c for c in out.chunks if c.request is victim]:
+            out.chunks.remove(c)
+            freed += c.num_tokens
+            if c.request.num_computed_tokens < c.request.num_prompt_tokens:
+                self.stats.num_computed_prompt_tokens -= min(c.num_tokens, c.request.num_prompt_tokens - c.start)
+        self.running.remove(victim)
+        self._preempt(victim)
+        victim.status = RequestStatus.WAITING  # not "back first" like a preempted request: it yielded
+        self.stats.num_displaced += 1
+        return freed
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float, first_class_only: bool = False) -> int:
+        """Admit waiting requests, best class first, while budget, slots and blocks last;
+        returns the budget left. With `first_class_only`, only requests of the first class
+        (returning from a tool, aged into it, or preempted) are admitted."""
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = min(self.waiting, key=lambda r: self._effective_class(r, now))
+            if first_class_only and self._effective_class(req, now)[0] > 0:
+                break
             match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             if not req.fetch_planned:
                 req.fetch_planned = True
@@ -228,9 +277,14 @@ class Scheduler:
             if not self.kv.allocate(req.request_id, match.num_tokens + n, match):
                 self._pressure = True
                 # Only a turn of the first class (returning from a tool, or aged into it) may
-                # take pins without bound; a reclaim may free blocks of this very match, so it is
-                # looked up again.
-                if self._reclaim_pin(req, unbounded=self._effective_class(req, now)[0] <= 0):
+                # take pins without bound, or displace a running request of a worse class; a
+                # reclaim may free blocks of this very match, so it is looked up again.
+                urgent = self._class(req, now) <= 0
+                if self._reclaim_pin(req, unbounded=urgent):
+                    continue
+                freed = self._displace(req, out, now) if urgent else None
+                if freed is not None:
+                    budget += freed
                     continue
                 break
             self.waiting.remove(req)
@@ -249,6 +303,7 @@ class Scheduler:
             if self.kv.restore_ready(req.request_id):
                 out.chunks.append(self._chunk(req, n))
                 budget -= n
+        return budget
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         if req.num_computed_tokens < req.num_prompt_tokens:

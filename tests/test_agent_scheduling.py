@@ -208,3 +208,40 @@ def test_aging_lifts_the_pin_reclaim_bound(tiny_llama_dir: Path, aging_s: float)
         time.sleep(0.01)
     assert big.status.finished == (aging_s < 1)
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("host_gib", [0.01, 0.0])
+def test_tool_return_displaces_a_first_turn_when_host_ram_backs_it(tiny_llama_dir: Path, host_gib: float) -> None:
+    """With the pool full of a first turn, a turn returning from a tool takes its place at once
+    when a host tier holds the displaced turn's blocks (it resumes with a restore, its tokens still
+    transformers'); without a host tier it waits for the first turn to finish."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
+    llm = LLM(str(tiny_llama_dir), num_blocks=24, block_size=16, host_cache_gib=host_gib)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=20, temperature=0, output_logits=True)
+    first_prompt, tool_prompt = _rand(300, 800), _rand(100, 801)
+    first = engine.add_request(first_prompt, params, priority=2)
+    while first.num_output_tokens < 3:
+        engine.step()
+    tool_return = engine.add_request(tool_prompt, params, priority=0)
+    finished = {}
+    steps = 0
+    first_token_step = None
+    while engine.has_unfinished:
+        steps += 1
+        for o in engine.step():
+            if o.request_id == tool_return.request_id and first_token_step is None:
+                first_token_step = steps
+            if o.finished:
+                finished[o.request_id] = o
+    displaced = engine.scheduler.stats.num_displaced
+    if host_gib:
+        assert displaced == 1 and first_token_step == 1
+        assert engine.mover is not None and engine.mover.stats.loaded_blocks["host"] > 0  # type: ignore[index]
+    else:
+        assert displaced == 0 and first_token_step is not None and first_token_step > 10
+    assert_matches(finished[first.request_id], reference(hf, first_prompt, 20), "displaced first turn")
+    assert_matches(finished[tool_return.request_id], reference(hf, tool_prompt, 20), "tool return")
+    engine.check_integrity()
