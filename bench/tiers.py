@@ -12,7 +12,7 @@ For each context length it times, in one process:
   straight into a pinned host-tier slot) plus the copies into the device cache.
 It reports each as seconds and GB/s, the host restore against the pinned host-to-device bandwidth
 measured in the same run (GPU), and the crossover: the shortest context from which a restore beats
-recomputing. Recompute is measured up to --max-recompute tokens; past that it is reported as a
+recomputing at every longer context measured. Recompute is measured up to --max-recompute tokens; past that it is reported as a
 lower bound (the rate at the cap applied linearly). Without --redis-url it starts redis-server on a
 free loopback port. Writes bench/results/tiers[-gpu].json.
 """
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--lengths", default=None, help="context lengths (default: to 32768 on CPU, 8192 on GPU)")
     ap.add_argument("--redis-url", default=None)
-    ap.add_argument("--redis-connections", type=int, default=4)
+    ap.add_argument("--redis-connections", type=int, default=2)
     ap.add_argument("--max-recompute", type=int, default=None)
     ap.add_argument("--redis-sweep", action="store_true", help="also: block reads by socket count, and redis-benchmark")
     ap.add_argument("--out", default=None)
@@ -204,8 +204,10 @@ def main() -> None:
                   f"host {host_s:7.4f}s ({row['host_GBps']:.2f} GB/s{of_pinned})  "
                   f"redis {redis_s:7.4f}s ({row['redis_GBps']:.2f} GB/s; put {row['redis_put_GBps']:.2f})", flush=True)
         sweep = redis_sweep(url, mover.redis.fmt, cuda) if args.redis_sweep else []
-        cross = {t: next((r["tokens"] for r in rows if r[f"{t}_s"] < r["recompute_s"]), None) for t in ("host", "redis")}
-        print("crossover (shortest context where the restore beats recompute):", cross)
+        # From the crossover on, the restore beats recompute at every longer context measured.
+        cross = {t: next((r["tokens"] for i, r in enumerate(rows)
+                          if all(x[f"{t}_s"] < x["recompute_s"] for x in rows[i:])), None) for t in ("host", "redis")}
+        print("crossover (the restore beats recompute from this context on; None: not at the longest):", cross)
         if bw:
             print(f"pinned host-to-device bandwidth: {bw / 1e9:.1f} GB/s")
         meta = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),

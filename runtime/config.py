@@ -136,7 +136,7 @@ class TierConfig:
     # compute, and evicting it later costs nothing), "evict" (when the device pool reuses it), or
     # "auto" (compute on CUDA, evict on CPU, where host RAM and the device pool are the same RAM).
     host_offload: str = "auto"
-    redis_connections: int = 4  # parallel sockets for block reads (and as many for writes)
+    redis_connections: int = 2  # parallel sockets for block reads (and as many for writes)
 
     def validate(self) -> None:
         if self.host_offload not in ("auto", "compute", "evict"):

@@ -222,3 +222,17 @@ def test_launchers_refuse_bad_input() -> None:
         cache_ops.gather_blocks(kc.contiguous(), torch.tensor([0, 1, 2], device=DEV), kc.contiguous()[:2])
     with pytest.raises(ValueError, match="gate_up"):
         fused_ops.silu_mul(torch.randn(2, 3, device=DEV))
+
+
+def test_prefill_tiles_cover_every_chunk_once_longest_first() -> None:
+    """The extend kernel's work list: each (sequence, query tile) exactly once, the tiles that see
+    the most keys first, padding columns marked -1 (and a table too small refused)."""
+    qlens, ctx = [130, 1, 64, 65], [130, 501, 100, 1000]
+    tiles = paged_attention.prefill_tiles(qlens, ctx, 64, out=np.zeros((2, 12), np.int32))
+    real = [(int(s), int(t)) for s, t in tiles.T if s >= 0]
+    assert sorted(real) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (3, 0), (3, 1)]
+    assert (tiles[:, len(real):] == -1).all()
+    keys = [min(c, c - q + (t + 1) * 64) for s, t in real for q, c in [(qlens[s], ctx[s])]]
+    assert keys == sorted(keys, reverse=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_attention.prefill_tiles(qlens, ctx, 64, out=np.zeros((2, 6), np.int32))
