@@ -132,7 +132,7 @@ class ModelRunner:
         if not out.chunks:
             return RunnerOutput(sampled={})
         if self.graphs is not None:
-            # decodes come first: the steps's decodes are its chunks up to the first longer one
+            # decodes come first: a step's decodes are its chunks up to the first longer one
             nd = next((i for i, c in enumerate(out.chunks) if c.num_tokens != 1), len(out.chunks))
             if nd == len(out.chunks) and nd <= self.graphs.max_batch:
                 return self._execute_graphed(out.chunks)
@@ -187,13 +187,12 @@ class ModelRunner:
         tokens = launched.read_tokens()  # the step's one synchronisation
         return RunnerOutput(sampled={c.request.request_id: t for c, t in zip(chunks, tokens)})
 
-    def _execute_mixed(self, chunks: list[ScheduledChunk], nd: int, batch: MixedBatch) -> RunnerOutput:
-        """Decodes and prefill chunks in one replay of a mixed-step graph (see StepGraphs)."""
-        assert self.graphs is not None
+    def _fill_decodes(self, batch: DecodeBatch | MixedBatch, chunks: list[ScheduledChunk]) -> int:
+        """Write decode chunk i into row i of a graph step's host inputs; returns the widest
+        block-table row written."""
         bs = self.kv_cache.block_size
-        d = batch.num_decodes
         width = 0
-        for i, c in enumerate(chunks[:nd]):
+        for i, c in enumerate(chunks):
             pos = c.start
             nblocks = pos // bs + 1
             batch.input_ids[i] = c.request.token_ids[pos]
@@ -202,6 +201,14 @@ class ModelRunner:
             batch.context_lens[i] = pos + 1
             batch.block_tables[i, :nblocks] = c.block_ids[:nblocks]
             width = max(width, nblocks)
+        return width
+
+    def _execute_mixed(self, chunks: list[ScheduledChunk], nd: int, batch: MixedBatch) -> RunnerOutput:
+        """Decodes and prefill chunks in one replay of a mixed-step graph (see StepGraphs)."""
+        assert self.graphs is not None
+        bs = self.kv_cache.block_size
+        d = batch.num_decodes
+        width = self._fill_decodes(batch, chunks[:nd])
         row = d
         for j, c in enumerate(chunks[nd:]):
             n, end = c.num_tokens, c.start + c.num_tokens
@@ -230,19 +237,9 @@ class ModelRunner:
 
     def _launch(self, chunks: list[ScheduledChunk], key: tuple[tuple[str, int], ...]) -> _Launched:
         assert self.graphs is not None
-        bs = self.kv_cache.block_size
         n = len(chunks)
         batch = self.graphs.host_batch(n)
-        width = 0
-        for i, c in enumerate(chunks):
-            pos = c.start
-            nblocks = pos // bs + 1
-            batch.input_ids[i] = c.request.token_ids[pos]
-            batch.positions[i] = pos
-            batch.slots[i] = c.block_ids[pos // bs] * bs + pos % bs
-            batch.context_lens[i] = pos + 1
-            batch.block_tables[i, :nblocks] = c.block_ids[:nblocks]
-            width = max(width, nblocks)
+        width = self._fill_decodes(batch, chunks)
         self.num_forward_passes += 1
         logits = self.graphs.run(n, width)
         greedy = all(c.samples and _plain_greedy(c.request) for c in chunks)

@@ -188,6 +188,7 @@ class Scheduler:
             scheduled.add(req.request_id)
             budget -= n
         return budget
+
     def _collect_loads(self) -> None:
         assert self.kv.mover is not None
         back = [self.loading.pop(rid) for rid in self.kv.mover.poll() if rid in self.loading]
