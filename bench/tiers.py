@@ -12,9 +12,9 @@ For each context length it times, in one process:
   straight into a pinned host-tier slot) plus the copies into the device cache.
 It reports each as seconds and GB/s, the host restore against the pinned host-to-device bandwidth
 measured in the same run (GPU), and the crossover: the shortest context from which a restore beats
-recomputing at every longer context measured. Recompute is measured up to --max-recompute tokens; past that it is reported as a
-lower bound (the rate at the cap applied linearly). Without --redis-url it starts redis-server on a
-free loopback port. Writes bench/results/tiers[-gpu].json.
+recomputing at every longer context measured. Recompute is measured up to --max-recompute tokens;
+past that it is reported as a lower bound (the rate at the cap applied linearly). Without
+--redis-url it starts redis-server on a free loopback port. Writes bench/results/tiers[-gpu].json.
 """
 from __future__ import annotations
 
