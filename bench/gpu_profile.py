@@ -58,12 +58,12 @@ def main() -> None:
             phases["execute"].append(t2 - t1)
             phases["update"].append(t3 - t2)
         size = graphs.sizes[next(i for i, s in enumerate(graphs.sizes) if s >= b)]
-        replay_ms = cuda_time_ms(graphs.graphs[size].replay, iters=20)
+        replay_ms = cuda_time_ms(graphs.graphs[(size, 0)].replay, iters=20)
         row = {"batch": b, "graph_size": size, "replay_ms": replay_ms,
                **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in phases.items()}}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             with torch.inference_mode():
-                graphs._forward(size)
+                graphs._forward(size, 0)
             torch.cuda.synchronize()
         kernels: dict[str, float] = defaultdict(float)
         for e in prof.events():

@@ -2,8 +2,9 @@
 takes five to ten (which dominates a small-batch decode step even inside a CUDA graph).
 
 Each rounds where Hugging Face's implementation rounds (RMSNorm in float32, cast back, then the
-weight multiply in the model dtype; RoPE and SiLU products rounded per operation), so a kernel
-differs from the torch path only by the order of a row's sum of squares.
+weight multiply in the model dtype; SiLU products rounded per operation), so a kernel differs
+from the torch path only by the order of a row's sum of squares. (RoPE runs inside the KV write,
+kernels.cache_ops.)
 """
 from __future__ import annotations
 
@@ -55,69 +56,6 @@ def add_rmsnorm(
             num_warps=8 if x.shape[1] >= 4096 else 4,
         )
     return out, (residual if residual is not None else x)
-
-
-@triton.jit
-def _rotate_heads(base, stride_h, heads, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)
-    j = tl.arange(0, BLOCK_HALF)
-    mask = (h < heads)[:, None] & (j < HALF)[None, :]
-    dt = base.dtype.element_ty
-    p1 = base + h[:, None] * stride_h + j[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    # out = x * cos + rotate_half(x) * sin, each product rounded as the torch path rounds it
-    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
-    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-    tl.store(p1, o1.to(dt), mask=mask)
-    tl.store(p1 + HALF, o2.to(dt), mask=mask)
-
-
-@triton.jit
-def _rope_kernel(
-    Q, K, Pos, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(Pos + t).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    jm = j < HALF
-    dt = Q.dtype.element_ty
-    # The tables are cat(freqs, freqs): both halves share one cos/sin, cast to the model dtype first.
-    c = tl.load(Cos + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-    s = tl.load(Sin + pos * stride_cos + j, mask=jm, other=0.0).to(dt).to(tl.float32)[None, :]
-    _rotate_heads(Q + t * stride_qt, stride_qh, NUM_HEADS, c, s, HALF, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(K + t * stride_kt, stride_kh, NUM_KV_HEADS, c, s, HALF, BLOCK_H, BLOCK_HALF)
-
-
-def rope_(
-    positions: torch.Tensor,  # (num_tokens,) int64
-    q: torch.Tensor,  # (num_tokens, num_heads, head_dim), rotated in place
-    k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim), rotated in place
-    cos: torch.Tensor,  # (max_positions, head_dim) float32, cat(freqs, freqs) layout
-    sin: torch.Tensor,
-) -> None:
-    """Rotary embedding applied in place to q and k (which may be strided views of one qkv
-    buffer). Mutates q and k only."""
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (tokens, heads, head_dim)")
-    if q.stride(2) != 1 or k.stride(2) != 1 or q.dtype != k.dtype:
-        raise ValueError("q and k must share a dtype and be contiguous in head_dim")
-    if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
-        raise ValueError("positions must be int64 (num_tokens,)")
-    head_dim = q.shape[2]
-    if head_dim % 2 or cos.shape[1] != head_dim or cos.dtype != torch.float32 or cos.stride() != sin.stride():
-        raise ValueError("cos/sin must be float32 (max_positions, head_dim) tables of one layout")
-    if q.shape[0] == 0:
-        return
-    _rope_kernel[(q.shape[0],)](
-        q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        NUM_HEADS=q.shape[1], NUM_KV_HEADS=k.shape[1], HALF=head_dim // 2,
-        BLOCK_H=triton.next_power_of_2(max(q.shape[1], k.shape[1])),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-    )
 
 
 @triton.jit

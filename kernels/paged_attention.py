@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import sync
+
 LOG2E = 1.4426950408889634
 
 
@@ -101,7 +103,7 @@ def _attend_tile(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, BlockTables, ContextLens, Out, PartO, PartLse,
+    Q, K, V, BlockTables, ContextLens, Out, PartO, PartLse, Count,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -152,31 +154,31 @@ def _decode_kernel(
         has = l > 0
         out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
         lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
-        tl.store(PartO + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :],
-                 out, mask=hmask[:, None] & dmask[None, :])
-        tl.store(PartLse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    PartO, PartLse, Out,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < NUM_SPLITS
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # (BLOCK_S,); split 0 is never empty, so max is finite
-    o = tl.load(PartO + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                mask=smask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dmask)
+        omask = hmask[:, None] & dmask[None, :]
+        part_o = PartO + b * stride_pb + heads[:, None] * stride_ph + d[None, :]
+        part_lse = PartLse + b * stride_lb + heads * stride_lh
+        tl.store(part_o + split * stride_ps, out, mask=omask)
+        tl.store(part_lse + split, lse, mask=hmask)
+        # The last of the sequence-head's splits to finish merges them all, in split order
+        # (kernels.sync), so the result does not depend on which finished last.
+        tl.debug_barrier()
+        counter = Count + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            w_all = tl.zeros([BLOCK_H], tl.float32)
+            o_all = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+            for s in range(NUM_SPLITS):  # split 0 is never empty, so m_all is finite from it on
+                lse_s = tl.load(part_lse + s, mask=hmask, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(part_o + s * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)
+                scale_old = tl.exp2(m_all - m_new)
+                w_s = tl.exp2(lse_s - m_new)
+                w_all = w_all * scale_old + w_s
+                o_all = o_all * scale_old[:, None] + w_s[:, None] * o_s
+                m_all = m_new
+            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     (o_all / w_all[:, None]).to(Out.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 def decode_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -214,12 +216,13 @@ def paged_decode(
     if num_splits > 1:
         part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+        count = sync.counters(q.device, batch * kv_heads)
     else:
-        part_o, part_lse = out, out  # unused
+        part_o, part_lse, count = out, out, out  # unused
     po_strides = part_o.stride()[:3] if num_splits > 1 else (0, 0, 0)
     pl_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
     _decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse, count,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -231,14 +234,6 @@ def paged_decode(
         PAGE=k_cache.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, heads)](
-            part_o, part_lse, out,
-            *po_strides, *pl_strides,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-        )
     return out
 
 

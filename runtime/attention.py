@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kernels import torch_ref
 from runtime.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from runtime.models.llama import RotaryEmbedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +30,12 @@ class SeqSlice:
 
 class AttentionBackend(ABC):
     """Contract: `build_metadata` is called once per step with slices ordered decodes first
-    (query_len == 1) and returns an opaque object; `forward` is called once per layer with it,
-    writes the step's K/V into that layer's cache at the slices' positions (mutating the cache and
-    nothing else) and returns the attention output (num_tokens, num_heads, head_dim) in q's dtype.
-    Raises nothing on valid input; shapes are checked by the caller's invariants."""
+    (query_len == 1) and returns an opaque object; `forward` is called once per layer with it and
+    the projections before the rotary embedding: it rotates q and k to `positions` with `rope`
+    (Hugging Face's arithmetic), writes the step's K/V into that layer's cache at the slices'
+    positions, and returns the attention output (num_tokens, num_heads, head_dim) in q's dtype.
+    It mutates that layer's cache and may rotate q in place; nothing else. Raises nothing on
+    valid input; shapes are checked by the caller's invariants."""
 
     @abstractmethod
     def build_metadata(self, slices: list[SeqSlice], block_size: int, device: torch.device) -> Any: ...
@@ -44,6 +49,8 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         kv_cache: PagedKVCache,
         meta: Any,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,  # (num_tokens,) int64
     ) -> torch.Tensor: ...
 
 
@@ -94,7 +101,8 @@ class TorchAttentionBackend(AttentionBackend):
             prefills=prefills,
         )
 
-    def forward(self, layer, q, k, v, kv_cache, meta: TorchMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, kv_cache, meta: TorchMetadata, rope, positions) -> torch.Tensor:
+        q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache.layer(layer)
         torch_ref.write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
         if not meta.prefills:
@@ -125,7 +133,7 @@ class TritonMetadata:
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Paged attention in Triton kernels (kernels/): the KV write, then decodes through the
+    """Paged attention in Triton kernels (kernels/): the KV write with the rotary embedding, then decodes through the
     split-context decode kernel and prefill chunks through the extend kernel, all reading K/V
     in place from the paged cache. Metadata is built on the host without reading anything back
     from the device, and a CUDA graph can hold `forward` with metadata in persistent buffers
@@ -174,9 +182,11 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=self.splits_for(num_decodes),
         )
 
-    def forward(self, layer, q, k, v, kv_cache, meta: TritonMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, kv_cache, meta: TritonMetadata, rope, positions) -> torch.Tensor:
         k_cache, v_cache = kv_cache.layer(layer)
-        self.cache_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        # one launch rotates q in place and writes rotated K and V into the cache
+        self.cache_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping,
+                                self.cache_ops.Rope(q, positions, rope.cos, rope.sin))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (num_tokens, num_heads, head_dim)
         n = meta.num_decodes
         if n:

@@ -70,13 +70,14 @@ def test_paged_decode(dtype, head_dim, heads, kv_heads, page, splits) -> None:
     kc, vc, table = _paged(ctx, page, kv_heads, head_dim, dtype, seed=len(ctx) + head_dim)
     q = torch.randn(len(ctx), heads, head_dim, device=DEV).to(dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
-    out = torch.full_like(q, float("nan"))
     block_n = 64 if CUDA else 8
-    paged_attention.paged_decode(q, kc, vc, table, lens, num_splits=splits, out=out, block_n=block_n)
     width = table.shape[1] * page
     mask = (torch.arange(width, device=DEV)[None, :] < lens[:, None].long())[:, None, None, :]
     ref = torch_ref.decode_attention(q.float(), kc.float(), vc.float(), table.long(), mask)
-    _close(out, ref, dtype, f"decode {dtype} hd{head_dim} {heads}/{kv_heads} page{page} splits{splits}")
+    for call in range(2):  # the splits' merge counters must be left at zero for the next call
+        out = torch.full_like(q, float("nan"))
+        paged_attention.paged_decode(q, kc, vc, table, lens, num_splits=splits, out=out, block_n=block_n)
+        _close(out, ref, dtype, f"decode {dtype} hd{head_dim} {heads}/{kv_heads} page{page} splits{splits} call {call}")
 
 
 def _prefill_cases():
@@ -175,25 +176,36 @@ def test_add_rmsnorm(dtype, hidden) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)] if CUDA else [(4, 2, 16), (3, 1, 8)])
-def test_rope(dtype, heads, kv_heads, head_dim) -> None:
+def test_write_kv_with_rope(dtype, heads, kv_heads, head_dim) -> None:
+    """The KV write that applies the rotary embedding: q rotated in place, K rotated into the
+    cache, V copied, the caller's k and v untouched, a padding token (slot -1) left alone."""
     from runtime.models.llama import RotaryEmbedding
 
-    n, max_pos = 11, 64
+    n, max_pos, page = 11, 64, 4
     inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.arange(max_pos).float()[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos().to(DEV), emb.sin().to(DEV)
     qkv = torch.randn(n, heads + 2 * kv_heads, head_dim, device=DEV).to(dtype)
-    q, k = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
     pos = torch.randint(0, max_pos, (n,), device=DEV)
     c, s = cos[pos].to(dtype)[:, None], sin[pos].to(dtype)[:, None]
     rq = q * c + RotaryEmbedding._rotate_half(q) * s
     rk = k * c + RotaryEmbedding._rotate_half(k) * s
-    v_before = qkv[:, heads + kv_heads :].clone()
-    fused_ops.rope_(pos, q, k, cos, sin)
-    _close(q, rq, dtype, "rope q")
-    _close(k, rk, dtype, "rope k")
-    assert torch.equal(qkv[:, heads + kv_heads :], v_before), "rope wrote outside q and k"
+    kv_before = qkv[:, heads:].clone()
+    kc, vc, _ = _paged([page * 4], page, kv_heads, head_dim, dtype, seed=5)
+    kc.fill_(float("nan"))
+    vc.fill_(float("nan"))
+    slots = torch.randperm(kc.shape[0] * page)[:n].to(DEV)
+    slots[3] = -1
+    cache_ops.write_kv(kc, vc, k, v, slots, cache_ops.Rope(q, pos, cos, sin))
+    keep = slots >= 0
+    _close(q[keep], rq[keep], dtype, "rope q")
+    rows = kc.flatten(0, 1)[slots[keep]]
+    _close(rows, rk[keep], dtype, "rope k in the cache")
+    assert torch.equal(vc.flatten(0, 1)[slots[keep]], v[keep]), "v copied as is"
+    assert int(kc.isnan().logical_not().sum()) == int(keep.sum()) * kv_heads * head_dim, "written outside the slots"
+    assert torch.equal(qkv[:, heads:], kv_before), "the caller's k and v changed"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -202,6 +214,60 @@ def test_silu_mul(dtype) -> None:
     x = torch.randn(5, 2 * inter, device=DEV).to(dtype)
     ref = torch.nn.functional.silu(x[:, :inter]) * x[:, inter:]
     _close(fused_ops.silu_mul(x), ref, dtype, "silu*mul")
+
+
+def _skinny_cases():
+    if CUDA:  # the Llama-3-8B projections, at decode batch sizes
+        shapes = [(6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096)]
+        return [(dt, m, n, k) for dt in (torch.bfloat16, torch.float16) for m in (1, 8, 32) for n, k in shapes]
+    return [(torch.float16, 1, 40, 96), (torch.float16, 5, 64, 300), (torch.float32, 16, 33, 128),
+            (torch.float32, 32, 70, 64)]
+
+
+@pytest.mark.parametrize("dtype,m,n,k", _skinny_cases())
+def test_skinny_matmul(dtype, m, n, k) -> None:
+    """Plain, split along K (partials reduced by the last program, counters left at zero for the
+    next call: run twice) and gated (silu(x @ gate.T) * (x @ up.T) from a stacked weight)."""
+    from kernels import skinny_gemm
+
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    ref = (x.float() @ w.float().T).to(dtype)
+    for split in (1, 2, 3):
+        cfg = skinny_gemm.SkinnyConfig(block_n=32 if not CUDA else 64, block_k=32 if not CUDA else 128,
+                                       split_k=split, num_stages=1 if not CUDA else 4)
+        for _ in range(2):
+            out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+            skinny_gemm.skinny_matmul(x, w, cfg, out=out)
+            _close(out, ref, dtype, f"skinny split {split}")
+    gate_up = torch.cat([w, (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)])
+    g, u = (x.float() @ gate_up.float().T).to(dtype).float().chunk(2, dim=-1)
+    gref = (torch.nn.functional.silu(g).to(dtype).float() * u).to(dtype)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if CUDA else 8
+    gout = skinny_gemm.skinny_matmul(x, gate_up, skinny_gemm.config_for(n, k, sms, gated=True), gated=True)
+    _close(gout, gref, dtype, "skinny gated")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_triton_ops_match_torch_ops(rows) -> None:
+    """The layer-op seam: the Triton ops give the torch ops' projections, gated MLP activation
+    and logits, through the skinny kernel up to its row limit and cuBLAS past it or with a bias."""
+    from runtime.models.ops import TorchOps, TritonOps
+
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    hidden, inter, vocab = (4096, 14336, 32000) if CUDA else (64, 96, 80)
+    torch.manual_seed(0)
+    qkv = torch.nn.Linear(hidden, 2 * hidden, bias=False).to(DEV, dtype)
+    biased = torch.nn.Linear(hidden, hidden, bias=True).to(DEV, dtype)
+    gate_up = torch.nn.Linear(hidden, 2 * inter, bias=False).to(DEV, dtype)
+    lm_head = (torch.randn(vocab, hidden, device=DEV) / hidden**0.5).to(dtype)
+    x = torch.randn(rows, hidden, device=DEV).to(dtype)
+    fast, ref = TritonOps(), TorchOps()
+    with torch.no_grad():
+        _close(fast.linear(x, qkv), ref.linear(x, qkv), dtype, "linear")
+        _close(fast.linear(x, biased), ref.linear(x, biased), dtype, "linear with bias")
+        _close(fast.gated(x, gate_up), ref.gated(x, gate_up), dtype, "gated")
+        _close(fast.logits(x, lm_head), ref.logits(x, lm_head), dtype, "logits")
 
 
 def test_launchers_refuse_bad_input() -> None:
@@ -218,10 +284,21 @@ def test_launchers_refuse_bad_input() -> None:
         paged_attention.paged_decode(torch.randn(2, 4, 8, device=DEV), kc, vc, table, lens)
     with pytest.raises(ValueError, match="slots must be int64"):
         cache_ops.write_kv(kc, vc, q[:, :2], q[:, :2], lens)
+    tab = torch.zeros(16, 16, device=DEV)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        cache_ops.write_kv(kc, vc, q[:, :2], q[:, :2], lens.long(), cache_ops.Rope(q, lens, tab, tab))
     with pytest.raises(ValueError, match="cannot hold"):
         cache_ops.gather_blocks(kc.contiguous(), torch.tensor([0, 1, 2], device=DEV), kc.contiguous()[:2])
     with pytest.raises(ValueError, match="gate_up"):
         fused_ops.silu_mul(torch.randn(2, 3, device=DEV))
+    from kernels import skinny_gemm
+
+    with pytest.raises(ValueError, match="exceed"):
+        skinny_gemm.skinny_matmul(torch.randn(33, 8, device=DEV), torch.randn(4, 8, device=DEV))
+    with pytest.raises(ValueError, match="does not match"):
+        skinny_gemm.skinny_matmul(torch.randn(2, 8, device=DEV), torch.randn(4, 9, device=DEV))
+    with pytest.raises(ValueError, match="odd"):
+        skinny_gemm.skinny_matmul(torch.randn(2, 8, device=DEV), torch.randn(5, 8, device=DEV), gated=True)
 
 
 def test_prefill_tiles_cover_every_chunk_once_longest_first() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime.attention import AttentionBackend
@@ -82,13 +81,12 @@ class Attention(nn.Module):
     def forward(self, x, positions, ops: LayerOps, rope: RotaryEmbedding, backend: AttentionBackend,
                 kv: PagedKVCache, meta: Any):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = ops.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rope(rope, positions, q, k)
-        o = backend.forward(self.layer, q, k, v, kv, meta)  # (num_tokens, num_heads, head_dim)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = backend.forward(self.layer, q, k, v, kv, meta, rope, positions)  # (num_tokens, num_heads, head_dim)
+        return ops.linear(o.reshape(t, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -99,7 +97,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return ops.linear(ops.gated(x, self.gate_up_proj), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -160,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_rmsnorm(h, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (n, vocab_size)
-        return F.linear(hidden, self.lm_head_weight)
+        return self.ops.logits(hidden, self.lm_head_weight)
 
     # ---- weights -------------------------------------------------------------------------
     def _shard_bounds(self, fused: str, shard: int) -> tuple[int, int]:
