@@ -167,7 +167,9 @@ def _decode_kernel(
             m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
             w_all = tl.zeros([BLOCK_H], tl.float32)
             o_all = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            for s in range(NUM_SPLITS):  # split 0 is never empty, so m_all is finite from it on
+            # unrolled, so every split's loads are issued at once (split 0 is never empty, so
+            # m_all is finite from it on)
+            for s in tl.static_range(NUM_SPLITS):
                 lse_s = tl.load(part_lse + s, mask=hmask, other=0.0, cache_modifier=".cg")
                 o_s = tl.load(part_o + s * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
                 m_new = tl.maximum(m_all, lse_s)

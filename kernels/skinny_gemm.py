@@ -83,7 +83,7 @@ def _skinny_kernel(
         done = tl.atomic_add(Count + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
             total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for s in range(SPLIT_K):
+            for s in tl.static_range(SPLIT_K):
                 total += tl.load(Part + s * stride_ps + p_off, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr, total.to(Y.dtype.element_ty), mask=omask)
             tl.atomic_xchg(Count + pid_n, 0, sem="relaxed", scope="gpu")
@@ -94,13 +94,14 @@ MAX_ROWS = 32  # the largest M the kernel takes: past it cuBLAS is as fast or fa
 
 
 def config_for(n: int, k: int, num_sms: int, gated: bool = False) -> SkinnyConfig:
-    """The tiling for an (n, k) weight, from a sweep on an H200 at M = 1, 8 and 32: split K in two
-    when the column tiles fill at most half the multiprocessors, and pipeline deeper when each
-    program streams a long K range in about one wave."""
+    """The tiling for an (n, k) weight, from sweeps on an H200 at M = 1, 8 and 32 with the weights
+    cold in L2 (as in a forward pass): split K in two only for a long K whose column tiles fill at
+    most half the multiprocessors; pipeline deeper the fewer programs share the card."""
     tiles = -(-n // 64)
-    split = 2 if not gated and 2 * tiles <= num_sms else 1
-    deep = k // split > 2048 and tiles * split <= 2 * num_sms
-    return SkinnyConfig(block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=6 if deep else 4)
+    split = 2 if not gated and k >= 8192 and 2 * tiles <= num_sms else 1
+    programs = tiles * split
+    stages = 4 if gated or programs > 2 * num_sms else 8 if 2 * programs <= num_sms else 6
+    return SkinnyConfig(block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=stages)
 
 
 def skinny_matmul(
