@@ -17,7 +17,9 @@ Configurations (one engine, `LLMEngine.reset` between them):
 - no_priority: every turn in one class, first come first served;
 - no_host: no host tier (Redis, if any, catches what leaves the device);
 - stateless: a server without sessions: no pins, no priorities, no tiers below the device; the
-  whole conversation is re-sent each turn and only the device prefix cache can help.
+  whole conversation is re-sent each turn and only the device prefix cache can help;
+- no_admission (not run by default): ember without working-set admission (every session is
+  served at once, however far the working set outgrows the tiers).
 
 A name may end in ":N" (say ember:1024) to run with a per-step token budget of N.
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
@@ -118,6 +120,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
     if budget:
         sched = replace(sched, max_num_batched_tokens=int(budget))
     stats = ToolStats(cap_s=args.tool_cap_s)
+    if config not in CONFIGS + ("no_admission",):
+        raise ValueError(f"unknown configuration {config!r}")
+    if config == "no_admission":
+        sched = replace(sched, working_set_fraction=0.0)
     if config in ("no_pinning", "stateless"):
         sched = replace(sched, pin_default_ttl_s=0.0)
         stats = ToolStats(cap_s=0.0, floor_s=0.0, default_s=0.0)
@@ -220,6 +226,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
         "hit_ratio_by_tier": {k: v / prompt for k, v in tiers.items()} if prompt else {},
         "preemptions": engine.scheduler.stats.num_preemptions,
         "pin_reclaims": engine.scheduler.stats.num_pin_reclaims,
+        "turn_steps_held": engine.scheduler.admission.num_held if engine.scheduler.admission else 0,
         "pin_expiries": engine.kv_manager.num_pin_expiries, "steps": num_steps, "wall_s": wall,
         "time_in_steps_s": {"schedule": sum(x[3] for x in trace), "execute": sum(x[4] for x in trace),
                             "update": sum(x[5] for x in trace)},

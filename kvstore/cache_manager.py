@@ -92,6 +92,12 @@ class KVCacheManager:
             entry = self._entries[request_id] = _Entry()
         return entry
 
+    def tier_capacity_blocks(self) -> int:
+        """Blocks the device pool and host RAM hold together (the working set sessions can keep
+        without recomputing; Redis, a write-back store, is not counted)."""
+        host = self.mover.host if self.mover is not None else None
+        return self.pool.num_blocks + (host.num_slots if host is not None else 0)
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -168,6 +168,10 @@ class SchedulerConfig:
     # Under memory pressure, requests that do not return from a tool may reclaim at most this
     # fraction of the pinned working set (pins lapse by their TTL regardless).
     pin_reclaim_fraction: float = 0.25
+    # Sessions are served in the order they started while their working sets fit in this
+    # fraction of the device pool and host RAM together; later sessions' turns wait until they
+    # fit (runtime.admission). 0 turns it off.
+    working_set_fraction: float = 0.9
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -178,6 +182,8 @@ class SchedulerConfig:
             raise ValueError(f"aging_s must be positive, got {self.aging_s}")
         if not 0 <= self.pin_reclaim_fraction <= 1:
             raise ValueError(f"pin_reclaim_fraction must be in [0, 1], got {self.pin_reclaim_fraction}")
+        if not 0 <= self.working_set_fraction <= 1:
+            raise ValueError(f"working_set_fraction must be in [0, 1], got {self.working_set_fraction}")
 
 
 @dataclass(frozen=True)

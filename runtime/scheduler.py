@@ -22,6 +22,9 @@ Policy (one step):
    set (admission control) unless the pin's blocks are all in host RAM already (taking it back
    then costs only a restore). A first-class request may also displace a running request of a
    worse class when a host tier holds the victim's blocks (it comes back with a restore).
+   Sessions are served in the order they started while their working sets fit the device pool
+   and host RAM together (runtime.admission): a turn of a session that does not fit behind the
+   earlier ones waits, unless nothing is running.
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -35,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvstore.cache_manager import KVCacheManager
+from runtime.admission import WorkingSetAdmission
 from runtime.config import SchedulerConfig
 from runtime.request import Request, RequestStatus
 
@@ -103,6 +107,8 @@ class Scheduler:
         self._pressure = False
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        capacity = int(cfg.working_set_fraction * kv.tier_capacity_blocks()) * kv.block_size
+        self.admission = WorkingSetAdmission(capacity) if capacity > 0 else None
 
     # ---- intake --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -128,7 +134,10 @@ class Scheduler:
         req.stop_reason = stop_reason
         if req.session_id is not None:
             # The session keeps what this turn computed until its next turn or its pin lapses.
-            self.kv.pin(req.session_id, request_id, time.monotonic() + self.cfg.pin_default_ttl_s)
+            until = time.monotonic() + self.cfg.pin_default_ttl_s
+            self.kv.pin(req.session_id, request_id, until)
+            if self.admission is not None:
+                self.admission.finished(req.session_id, req.num_tokens, until)
         self.kv.forget(request_id)
 
     @property
@@ -258,10 +267,19 @@ class Scheduler:
         """Admit waiting requests, best class first, while budget, slots and blocks last;
         returns the budget left. With `first_class_only`, only requests of the first class
         (returning from a tool, aged into it, or preempted) are admitted."""
+        held: set[str] = set()  # turns of sessions that do not fit the working set this step
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            req = min(self.waiting, key=lambda r: self._effective_class(r, now))
+            candidates = [r for r in self.waiting if r.request_id not in held]
+            if not candidates:
+                break
+            req = min(candidates, key=lambda r: self._effective_class(r, now))
             if first_class_only and self._effective_class(req, now)[0] > 0:
                 break
+            if (self.admission is not None and req.session_id is not None and self.running
+                    and req.status == RequestStatus.WAITING
+                    and not self.admission.admits(req.session_id, req.num_tokens, now)):
+                held.add(req.request_id)
+                continue
             match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             if not req.fetch_planned:
                 req.fetch_planned = True
@@ -301,6 +319,8 @@ class Scheduler:
                     self.stats.prompt_tokens_by_tier[k] += v
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if self.admission is not None and req.session_id is not None:
+                self.admission.started(req.session_id, req.num_tokens, now)
             if self.kv.restore_ready(req.request_id):
                 out.chunks.append(self._chunk(req, n))
                 budget -= n

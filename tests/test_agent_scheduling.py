@@ -245,3 +245,59 @@ def test_tool_return_displaces_a_first_turn_when_host_ram_backs_it(tiny_llama_di
     assert_matches(finished[first.request_id], reference(hf, first_prompt, 20), "displaced first turn")
     assert_matches(finished[tool_return.request_id], reference(hf, tool_prompt, 20), "tool return")
     engine.check_integrity()
+
+
+def test_working_set_admission_serves_sessions_in_start_order() -> None:
+    """Sessions keep their place in the serving order; one that outgrows the tiers behind the
+    earlier ones waits; the head always fits; quiet sessions leave the order."""
+    import math
+
+    from runtime.admission import WorkingSetAdmission
+
+    ws = WorkingSetAdmission(capacity_tokens=1000)
+    assert ws.admits("a", 400, now=0.0)
+    ws.started("a", 400, now=0.0)
+    ws.started("b", 400, now=1.0)
+    assert ws.admits("c", 200, now=2.0) and not ws.admits("c", 201, now=2.0)
+    ws.started("c", 200, now=2.0)
+    # a grows: it stays first, so c (last) no longer fits, while b still does
+    ws.finished("a", 500, until=10.0)
+    assert ws.admits("a", 520, now=3.0) and ws.admits("b", 400, now=3.0) and not ws.admits("c", 200, now=3.0)
+    assert ws.num_held == 2
+    ws.finished("b", 450, until=math.inf)  # (expected back whenever: still live)
+    ws.expect("a", until=3.0)  # a will not be back soon: it leaves the order
+    assert ws.live_tokens(now=4.0) == 650 and ws.admits("c", 200, now=4.0)
+    assert ws.admits("z", 5000, now=4.0) is False
+    ws.expect("c", until=0.0)  # (in flight: only a turn's end makes a session quiet)
+    assert ws.live_tokens(now=4.0) == 650
+    assert WorkingSetAdmission(10).admits("alone", 10**6, now=0.0), "the order's head always fits"
+
+
+def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir: Path) -> None:
+    """With the device pool (no host tier) holding two sessions' contexts, a third session's
+    first turn waits while the first two are live and other work runs; when one goes quiet it
+    starts. With the admission off, it starts at once."""
+    for fraction in (0.9, 0.0):
+        # 96 blocks of 16: the sessions may hold int(0.9 * 96) * 16 = 1,376 tokens
+        engine = LLM(str(tiny_llama_dir), num_blocks=96, block_size=16, host_cache_gib=0,
+                     working_set_fraction=fraction).engine
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        for sid, seed in (("a", 1), ("b", 2)):  # two sessions of 604 tokens each, pinned
+            _run(engine, engine.add_request(_rand(600, seed), params, session_id=sid, priority=2))
+        busy = engine.add_request(_rand(20, 3), SamplingParams(max_tokens=60, ignore_eos=True))  # keeps the engine running
+        third = engine.add_request(_rand(200, 4), params, session_id="c", priority=2)  # 1,208 + 200 > 1,376
+        for _ in range(5):
+            engine.step()
+        if fraction:
+            assert third.num_output_tokens == 0 and engine.scheduler.admission is not None
+            assert engine.scheduler.admission.num_held >= 5
+            engine.scheduler.admission.expect("a", until=0.0)  # a's agent is done
+            engine.step()
+        else:
+            assert engine.scheduler.admission is None
+        assert third.num_output_tokens >= 1
+        engine.abort(busy.request_id)
+        while engine.has_unfinished:
+            engine.step()
+        assert third.num_output_tokens == 4
+        engine.check_integrity()
