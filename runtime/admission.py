@@ -8,9 +8,9 @@ started; a session whose working set does not fit behind the earlier ones has it
 (they stay queued, while its blocks age out of the tiers first) until earlier sessions finish or
 go quiet. The engine never idles for it: with nothing running, any turn may start.
 
-A session is live from its first admitted turn until it goes quiet: its last turn ended and the
-time it was expected back by has passed (a turn that ended without tool calls expects nothing).
-Its size is the token count of its latest turn.
+A session is live from its first admitted turn until it goes quiet: no turn of it is queued or
+running, and the time it was expected back by has passed (a turn that ended without tool calls
+expects nothing). Its size is the token count of its latest turn.
 """
 from __future__ import annotations
 
@@ -20,44 +20,58 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class _Live:
-    since: float  # when its first turn was admitted (the serving order)
     tokens: int
     until: float  # expected back by; math.inf while a turn is in flight
 
 
 class WorkingSetAdmission:
-    """Invariant: a live session's position in the serving order never changes while it stays
-    live; `admits` is True for every session within `capacity_tokens` of the order's head."""
+    """Invariant: live sessions are kept in the order their first turns were admitted (the
+    dict's insertion order) and a session keeps its place while it stays live; the sessions that
+    fit are the longest head of that order whose tokens sum to at most `capacity_tokens` (the
+    first session always fits)."""
 
     def __init__(self, capacity_tokens: int) -> None:
         if capacity_tokens <= 0:
             raise ValueError(f"capacity_tokens must be positive, got {capacity_tokens}")
         self.capacity_tokens = capacity_tokens
         self._live: dict[str, _Live] = {}
-        self.num_held = 0  # times a turn was held back
+        # The fitting head and the live total, recomputed after any change (a step asks about
+        # many queued turns; each answer is then O(1)).
+        self._fitting: set[str] | None = None
+        self._total = 0
+        self._at = -math.inf
+        self.num_held = 0  # times a turn was held back (once per step it waits)
 
     def admits(self, session_id: str, tokens: int, now: float) -> bool:
-        """Whether a turn of `session_id` needing `tokens` fits behind the sessions served before
-        it (a session not live joins the order's end). Counts a refusal in `num_held`."""
-        self._expire(now)
-        mine = self._live.get(session_id)
-        used = 0
-        for sid, rec in sorted(self._live.items(), key=lambda kv: kv[1].since):
-            if sid == session_id:
-                break
-            used += rec.tokens
-        need = max(tokens, mine.tokens if mine else 0)
-        ok = used == 0 or used + need <= self.capacity_tokens
+        """Whether a turn of `session_id` may start: a live session if it is in the fitting head
+        (by the size of its last turn), another if `tokens` more fit after every live session.
+        Counts a refusal in `num_held`."""
+        self._refresh(now)
+        assert self._fitting is not None
+        if session_id in self._live:
+            ok = session_id in self._fitting
+        else:
+            ok = self._total == 0 or self._total + tokens <= self.capacity_tokens
         self.num_held += not ok
         return ok
 
-    def started(self, session_id: str, tokens: int, now: float) -> None:
-        """A turn of the session was admitted: it is live, in flight, `tokens` long."""
+    def started(self, session_id: str, tokens: int) -> None:
+        """A turn of the session was admitted: it is live (at the order's end if it was not),
+        in flight, `tokens` long."""
         rec = self._live.get(session_id)
         if rec is None:
-            self._live[session_id] = _Live(now, tokens, math.inf)
+            self._live[session_id] = _Live(tokens, math.inf)
         else:
             rec.tokens, rec.until = tokens, math.inf
+        self._fitting = None
+
+    def queued(self, session_id: str) -> None:
+        """A turn of the session was queued: a live session stays live (in its place) while it
+        waits, however long the queue."""
+        rec = self._live.get(session_id)
+        if rec is not None:
+            rec.until = math.inf
+            self._fitting = None
 
     def finished(self, session_id: str, tokens: int, until: float) -> None:
         """A turn of the session ended with the session `tokens` long; it is expected back by
@@ -65,18 +79,31 @@ class WorkingSetAdmission:
         rec = self._live.get(session_id)
         if rec is not None:
             rec.tokens, rec.until = tokens, until
+            self._fitting = None
 
     def expect(self, session_id: str, until: float) -> None:
         """The session's owner knows better when it returns (a tool's learned duration), or that
-        it will not soon (`until` in the past)."""
+        it will not soon (`until` in the past). No effect while a turn is in flight."""
         rec = self._live.get(session_id)
         if rec is not None and rec.until != math.inf:
             rec.until = until
+            self._fitting = None
 
     def live_tokens(self, now: float) -> int:
-        self._expire(now)
-        return sum(r.tokens for r in self._live.values())
+        self._refresh(now)
+        return self._total
 
-    def _expire(self, now: float) -> None:
+    def _refresh(self, now: float) -> None:
+        if self._fitting is not None and now == self._at:
+            return
         for sid in [sid for sid, r in self._live.items() if r.until <= now]:
             del self._live[sid]
+        fitting: set[str] = set()
+        used = 0
+        for sid, rec in self._live.items():
+            if fitting and used + rec.tokens > self.capacity_tokens:
+                break  # strictly in order: a later, smaller session does not overtake this one
+            fitting.add(sid)
+            used += rec.tokens
+        self._fitting, self._at = fitting, now
+        self._total = sum(r.tokens for r in self._live.values())

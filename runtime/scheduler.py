@@ -115,6 +115,8 @@ class Scheduler:
         assert req.request_id not in self.requests
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if self.admission is not None and req.session_id is not None:
+            self.admission.queued(req.session_id)
 
     def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         """End a request from outside the token loop (abort, stop string). Unknown ids are ignored:
@@ -320,7 +322,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if self.admission is not None and req.session_id is not None:
-                self.admission.started(req.session_id, req.num_tokens, now)
+                self.admission.started(req.session_id, req.num_tokens)
             if self.kv.restore_ready(req.request_id):
                 out.chunks.append(self._chunk(req, n))
                 budget -= n

@@ -256,10 +256,10 @@ def test_working_set_admission_serves_sessions_in_start_order() -> None:
 
     ws = WorkingSetAdmission(capacity_tokens=1000)
     assert ws.admits("a", 400, now=0.0)
-    ws.started("a", 400, now=0.0)
-    ws.started("b", 400, now=1.0)
+    ws.started("a", 400)
+    ws.started("b", 400)
     assert ws.admits("c", 200, now=2.0) and not ws.admits("c", 201, now=2.0)
-    ws.started("c", 200, now=2.0)
+    ws.started("c", 200)
     # a grows: it stays first, so c (last) no longer fits, while b still does
     ws.finished("a", 500, until=10.0)
     assert ws.admits("a", 520, now=3.0) and ws.admits("b", 400, now=3.0) and not ws.admits("c", 200, now=3.0)
@@ -268,8 +268,13 @@ def test_working_set_admission_serves_sessions_in_start_order() -> None:
     ws.expect("a", until=3.0)  # a will not be back soon: it leaves the order
     assert ws.live_tokens(now=4.0) == 650 and ws.admits("c", 200, now=4.0)
     assert ws.admits("z", 5000, now=4.0) is False
-    ws.expect("c", until=0.0)  # (in flight: only a turn's end makes a session quiet)
-    assert ws.live_tokens(now=4.0) == 650
+    ws.started("d", 100)  # d joins the end; c, finishing with 700 tokens, no longer fits before it
+    ws.finished("c", 700, until=20.0)
+    assert not ws.admits("c", 700, now=5.0) and not ws.admits("d", 100, now=5.0), "no overtaking"
+    ws.queued("c")  # c's next turn waits in the queue past its expected time: it stays live
+    assert ws.live_tokens(now=30.0) == 1250
+    ws.finished("c", 700, until=0.0)  # c is done: d moves up
+    assert ws.admits("d", 100, now=30.0) and ws.live_tokens(now=30.0) == 550
     assert WorkingSetAdmission(10).admits("alone", 10**6, now=0.0), "the order's head always fits"
 
 
