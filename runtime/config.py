@@ -169,9 +169,11 @@ class SchedulerConfig:
     # fraction of the pinned working set (pins lapse by their TTL regardless).
     pin_reclaim_fraction: float = 0.25
     # Sessions are served in the order they started while their working sets fit in this
-    # fraction of the device pool and host RAM together; later sessions' turns wait until they
-    # fit (runtime.admission). 0 turns it off.
-    working_set_fraction: float = 0.9
+    # multiple of what the device pool and host RAM hold together; later sessions' turns wait
+    # until they fit (runtime.admission). 0 turns it off. Above 1 because least-recently-used
+    # eviction copes with a working set somewhat past the tiers: on an H200, 128 agents at ~1.2x
+    # kept a 0.81 hit ratio, while 256 agents at ~2.4x fell to 0.04.
+    working_set_fraction: float = 1.25
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -182,8 +184,8 @@ class SchedulerConfig:
             raise ValueError(f"aging_s must be positive, got {self.aging_s}")
         if not 0 <= self.pin_reclaim_fraction <= 1:
             raise ValueError(f"pin_reclaim_fraction must be in [0, 1], got {self.pin_reclaim_fraction}")
-        if not 0 <= self.working_set_fraction <= 1:
-            raise ValueError(f"working_set_fraction must be in [0, 1], got {self.working_set_fraction}")
+        if not 0 <= self.working_set_fraction <= 4:
+            raise ValueError(f"working_set_fraction must be in [0, 4], got {self.working_set_fraction}")
 
 
 @dataclass(frozen=True)
