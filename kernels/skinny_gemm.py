@@ -97,11 +97,12 @@ def config_for(n: int, k: int, num_sms: int, gated: bool = False) -> SkinnyConfi
     """The tiling for an (n, k) weight, from sweeps on an H200 at M = 1, 8 and 32 with the weights
     cold in L2 (as in a forward pass): split K in two only for a long K whose column tiles fill at
     most half the multiprocessors; pipeline deeper the fewer programs share the card."""
-    tiles = -(-n // 64)
+    block_n = 64
+    tiles = -(-n // block_n)
     split = 2 if not gated and k >= 8192 and 2 * tiles <= num_sms else 1
     programs = tiles * split
     stages = 4 if gated or programs > 2 * num_sms else 8 if 2 * programs <= num_sms else 6
-    return SkinnyConfig(block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=stages)
+    return SkinnyConfig(block_n=block_n, block_k=128, split_k=split, num_warps=4, num_stages=stages)
 
 
 def skinny_matmul(

@@ -284,8 +284,9 @@ def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir
     starts. With the admission off, it starts at once."""
     for fraction in (0.9, 0.0):
         # 96 blocks of 16: the sessions may hold int(0.9 * 96) * 16 = 1,376 tokens
+        # (pins last 60 s, so a and b stay live however slow the machine)
         engine = LLM(str(tiny_llama_dir), num_blocks=96, block_size=16, host_cache_gib=0,
-                     working_set_fraction=fraction).engine
+                     working_set_fraction=fraction, pin_default_ttl_s=60.0).engine
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         for sid, seed in (("a", 1), ("b", 2)):  # two sessions of 604 tokens each, pinned
             _run(engine, engine.add_request(_rand(600, seed), params, session_id=sid, priority=2))
