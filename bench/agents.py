@@ -21,7 +21,8 @@ Configurations (one engine, `LLMEngine.reset` between them):
 - no_admission (not run by default): ember without working-set admission (every session is
   served at once, however far the working set outgrows the tiers).
 
-A name may end in ":N" (say ember:1024) to run with a per-step token budget of N.
+A name may end in ":N" (say ember:1024) to run with a per-step token budget of N, and in scheduler
+settings "@field=value" (say ember@working_set_fraction=0.5@session_order=0).
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
@@ -114,11 +115,17 @@ def start_redis(maxmemory_gib: float) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration; `name` may end in ":N" to run it with a per-step budget of N tokens."""
-    config, _, budget = name.partition(":")
+    """One configuration; `name` may end in ":N" to run it with a per-step budget of N tokens and
+    in "@field=value" scheduler settings."""
+    head, *settings = name.split("@")
+    config, _, budget = head.partition(":")
     sched = engine.cfg.scheduler
     if budget:
         sched = replace(sched, max_num_batched_tokens=int(budget))
+    for kv in settings:
+        key, _, value = kv.partition("=")
+        kind = type(getattr(sched, key))  # an unknown field raises here
+        sched = replace(sched, **{key: bool(int(value)) if kind is bool else kind(value)})
     stats = ToolStats(cap_s=args.tool_cap_s)
     if config not in CONFIGS + ("no_admission",):
         raise ValueError(f"unknown configuration {config!r}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 class _Live:
     tokens: int
     until: float  # expected back by; math.inf while a turn is in flight
+    rank: int  # its place in the order (smaller: admitted earlier)
 
 
 class WorkingSetAdmission:
@@ -41,6 +42,7 @@ class WorkingSetAdmission:
         self._total = 0
         self._at = -math.inf
         self.num_held = 0  # times a turn was held back (once per step it waits)
+        self._next_rank = 0
 
     def admits(self, session_id: str, tokens: int, now: float) -> bool:
         """Whether a turn of `session_id` may start: a live session if it is in the fitting head
@@ -60,7 +62,8 @@ class WorkingSetAdmission:
         in flight, `tokens` long."""
         rec = self._live.get(session_id)
         if rec is None:
-            self._live[session_id] = _Live(tokens, math.inf)
+            self._live[session_id] = _Live(tokens, math.inf, self._next_rank)
+            self._next_rank += 1
         else:
             rec.tokens, rec.until = tokens, math.inf
         self._fitting = None
@@ -88,6 +91,12 @@ class WorkingSetAdmission:
         if rec is not None and rec.until != math.inf:
             rec.until = until
             self._fitting = None
+
+    def rank(self, session_id: str | None) -> float:
+        """The session's place in the order while it is live (smaller: earlier); math.inf for
+        one that is not live, or no session."""
+        rec = self._live.get(session_id) if session_id is not None else None
+        return rec.rank if rec is not None else math.inf
 
     def live_tokens(self, now: float) -> int:
         self._refresh(now)

@@ -16,7 +16,8 @@ Policy (one step):
    through host RAM; a prompt longer than the budget is chunked across steps. The next request
    admitted is the one of the best priority class (a turn returning from a tool, then a
    continuing turn, then a new session's first turn), every `aging_s` of waiting lifting a
-   request one class so no class starves; equal classes go in arrival order.
+   request one class so no class starves; within a class, turns of sessions that started
+   earlier go first (`session_order`), then arrival order.
    When blocks run short, session pins are reclaimed first, the pin expected back last first. A
    request below the first class may reclaim at most `pin_reclaim_fraction` of the pinned working
    set (admission control) unless the pin's blocks are all in host RAM already (taking it back
@@ -33,6 +34,7 @@ Policy (one step):
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -108,7 +110,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         capacity = int(cfg.working_set_fraction * kv.tier_capacity_blocks()) * kv.block_size
-        self.admission = WorkingSetAdmission(capacity) if capacity > 0 else None
+        # The admission also keeps the order sessions started in, which `session_order` uses
+        # with or without a bound.
+        self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize)
+                          if capacity > 0 or cfg.session_order else None)
 
     # ---- intake --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -174,7 +179,7 @@ class Scheduler:
         if budget is None:
             return None
         scheduled = {c.request.request_id for c in out.chunks}
-        for req in list(self.running):
+        for req in sorted(self.running, key=self._order):  # stable: oldest first within a session rank
             if budget <= 0:
                 break
             remaining = req.num_tokens - req.num_computed_tokens
@@ -189,7 +194,7 @@ class Scheduler:
                     continue
                 # The victim: lowest class, then newest, among those not yet scheduled this step.
                 victim = max((r for r in self.running if r.request_id not in scheduled),
-                             key=lambda r: (r.priority, r.arrival_time))
+                             key=lambda r: (r.priority, self._order(r), r.arrival_time))
                 self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -234,10 +239,17 @@ class Scheduler:
         """The request's class after aging: every `aging_s` of waiting lifts it one class."""
         return req.priority - (now - req.arrival_time) // self.cfg.aging_s
 
-    def _effective_class(self, req: Request, now: float) -> tuple[float, float]:
+    def _order(self, req: Request) -> float:
+        """The place of the request's session in the order sessions started (math.inf for no
+        live session), with `session_order`; 0 without."""
+        if not self.cfg.session_order or self.admission is None:
+            return 0.0
+        return self.admission.rank(req.session_id)
+
+    def _effective_class(self, req: Request, now: float) -> tuple[float, float, float]:
         if req.status == RequestStatus.PREEMPTED:
-            return (-1e9, req.arrival_time)  # it already held the batch: back first
-        return (self._class(req, now), req.arrival_time)
+            return (-1e9, self._order(req), req.arrival_time)  # it already held the batch: back first
+        return (self._class(req, now), self._order(req), req.arrival_time)
 
     def _displace(self, req: Request, out: SchedulerOutput, now: float) -> int | None:
         """Preempt one running request of a worse class than `req` to make room for it (its
@@ -252,7 +264,7 @@ class Scheduler:
         victims = [r for r in self.running if self._class(r, now) > mine]
         if not victims:
             return None
-        victim = max(victims, key=lambda r: (self._class(r, now), r.arrival_time))
+        victim = max(victims, key=lambda r: (self._class(r, now), self._order(r), r.arrival_time))
         freed = 0
         for c in [c for c in out.chunks if c.request is victim]:
             out.chunks.remove(c)

@@ -300,7 +300,7 @@ def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir
             engine.scheduler.admission.expect("a", until=0.0)  # a's agent is done
             engine.step()
         else:
-            assert engine.scheduler.admission is None
+            assert engine.scheduler.admission is not None and engine.scheduler.admission.num_held == 0
         assert third.num_output_tokens >= 1
         engine.abort(busy.request_id)
         while engine.has_unfinished:
@@ -321,3 +321,22 @@ def test_tier_capacity_adds_host_ram_when_it_holds_only_what_left_the_device(tin
     mover.offload_on_compute = True
     assert kv.tier_capacity_blocks() == slots
     assert LLM(str(tiny_llama_dir), num_blocks=32, host_cache_gib=0).engine.kv_manager.tier_capacity_blocks() == 32
+
+
+def test_turns_of_the_session_that_started_first_go_first(tiny_llama_dir: Path) -> None:
+    """Two live sessions' turns of one class wait for the one sequence slot: the turn of the
+    session that started first runs first, though it arrived second. With `session_order` off,
+    arrival order decides."""
+    for ordered in (True, False):
+        engine = LLM(str(tiny_llama_dir), max_num_seqs=1, pin_default_ttl_s=60.0, session_order=ordered).engine
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        for sid, seed in (("early", 1), ("late", 2)):
+            _run(engine, engine.add_request(_rand(40, seed), params, session_id=sid, priority=2))
+        late = engine.add_request(_rand(50, 3), params, session_id="late", priority=1)
+        early = engine.add_request(_rand(50, 4), params, session_id="early", priority=1)
+        engine.step()
+        first, second = (early, late) if ordered else (late, early)
+        assert first.num_computed_tokens > 0 and second.num_computed_tokens == 0
+        while engine.has_unfinished:
+            engine.step()
+        engine.check_integrity()
