@@ -92,18 +92,6 @@ class KVCacheManager:
             entry = self._entries[request_id] = _Entry()
         return entry
 
-    def tier_capacity_blocks(self) -> int:
-        """Distinct blocks the device pool and host RAM hold together (the working set sessions
-        can keep without recomputing; Redis, a write-back store, is not counted). When blocks are
-        offloaded as computed, host RAM also holds copies of what is on the device, so the two
-        overlap and the larger bounds it; when offloaded on eviction, they add up."""
-        host = self.mover.host if self.mover is not None else None
-        if host is None:
-            return self.pool.num_blocks
-        if self.mover is not None and self.mover.offload_on_compute:
-            return max(self.pool.num_blocks, host.num_slots)
-        return self.pool.num_blocks + host.num_slots
-
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -173,7 +173,7 @@ class SchedulerConfig:
     # until they fit (runtime.admission). 0 turns it off. Above 1 because least-recently-used
     # eviction copes with a working set somewhat past the tiers: on an H200, 128 agents at ~1.2x
     # kept a 0.81 hit ratio, while 256 agents at ~2.4x fell to 0.04.
-    working_set_fraction: float = 1.25
+    working_set_fraction: float = 1.0
     # Within a class, turns of sessions that started earlier go first and are preempted last (the
     # order runtime.admission keeps), so sessions finish in the order they came instead of all
     # sharing the card and all finishing late; off: turns go in their own arrival order.

@@ -23,9 +23,9 @@ Policy (one step):
    set (admission control) unless the pin's blocks are all in host RAM already (taking it back
    then costs only a restore). A first-class request may also displace a running request of a
    worse class when a host tier holds the victim's blocks (it comes back with a restore).
-   Sessions are served in the order they started while their working sets fit the device pool
-   and host RAM together (runtime.admission): a turn of a session that does not fit behind the
-   earlier ones waits, unless nothing is running.
+   Sessions are served in the order they started while their contexts fit the device pool
+   (runtime.admission): a turn of a session that does not fit behind the earlier ones waits,
+   unless nothing is running.
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -109,7 +109,7 @@ class Scheduler:
         self._pressure = False
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
-        capacity = int(cfg.working_set_fraction * kv.tier_capacity_blocks()) * kv.block_size
+        capacity = int(cfg.working_set_fraction * kv.pool.num_blocks) * kv.block_size
         # The admission also keeps the order sessions started in, which `session_order` uses
         # with or without a bound.
         self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize)

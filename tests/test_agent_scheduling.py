@@ -279,7 +279,7 @@ def test_working_set_admission_serves_sessions_in_start_order() -> None:
 
 
 def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir: Path) -> None:
-    """With the device pool (no host tier) holding two sessions' contexts, a third session's
+    """With the device pool holding two sessions' contexts, a third session's
     first turn waits while the first two are live and other work runs; when one goes quiet it
     starts. With the admission off, it starts at once."""
     for fraction in (0.9, 0.0):
@@ -307,20 +307,6 @@ def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir
             engine.step()
         assert third.num_output_tokens == 4
         engine.check_integrity()
-
-
-def test_tier_capacity_adds_host_ram_when_it_holds_only_what_left_the_device(tiny_llama_dir: Path) -> None:
-    """Offloaded on eviction (the CPU default), host RAM and the device pool hold distinct blocks
-    and add up; offloaded as computed (the CUDA default), host RAM also holds the device's
-    blocks, so the larger of the two bounds the working set."""
-    engine = LLM(str(tiny_llama_dir), num_blocks=32, block_size=16, host_cache_gib=0.01).engine
-    kv, mover = engine.kv_manager, engine.mover
-    assert mover is not None and mover.host is not None and not mover.offload_on_compute
-    slots = mover.host.num_slots
-    assert slots > 32 and kv.tier_capacity_blocks() == 32 + slots
-    mover.offload_on_compute = True
-    assert kv.tier_capacity_blocks() == slots
-    assert LLM(str(tiny_llama_dir), num_blocks=32, host_cache_gib=0).engine.kv_manager.tier_capacity_blocks() == 32
 
 
 def test_turns_of_the_session_that_started_first_go_first(tiny_llama_dir: Path) -> None:
