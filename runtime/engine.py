@@ -215,9 +215,11 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         ts = time.perf_counter()
-        sched = self.scheduler.schedule()
+        # A decode step launched ahead is this step: new work joins the step after it, rather
+        # than the launched step being thrown away (a whole step of GPU time).
+        sched = self.scheduler.schedule(decodes_only=self.runner.launched_ahead)
         t0 = time.perf_counter()
-        result = self.runner.execute(sched)
+        result = self.runner.execute(sched, launch_ahead=not self.scheduler.more_to_schedule)
         t1 = time.perf_counter()
         if self.mover is not None and sched.num_tokens >= 64:
             self.mover.cost.observe_prefill(sched.num_tokens, t1 - t0)

@@ -71,6 +71,11 @@ class ModelRunner:
         self.spec_hits = 0  # steps launched ahead and used
         self.spec_misses = 0  # steps launched ahead and dropped
 
+    @property
+    def launched_ahead(self) -> bool:
+        """Whether a decode step is in flight already (the scheduler should ask for exactly it)."""
+        return self._spec is not None
+
     def drop_launched(self) -> None:
         """Forget a step launched ahead (its requests are gone)."""
         if self._spec is not None:
@@ -128,14 +133,16 @@ class ModelRunner:
         return runs
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, launch_ahead: bool = True) -> RunnerOutput:
+        """Run one step. With `launch_ahead`, a greedy decode step may launch the same
+        sequences' next decode step before returning (the scheduler should then ask for it)."""
         if not out.chunks:
             return RunnerOutput(sampled={})
         if self.graphs is not None:
             # decodes come first: a step's decodes are its chunks up to the first longer one
             nd = next((i for i, c in enumerate(out.chunks) if c.num_tokens != 1), len(out.chunks))
             if nd == len(out.chunks) and nd <= self.graphs.max_batch:
-                return self._execute_graphed(out.chunks)
+                return self._execute_graphed(out.chunks, launch_ahead)
             batch = self.graphs.mixed_batch(nd, [c.num_tokens for c in out.chunks[nd:]])
             if batch is not None:
                 return self._execute_mixed(out.chunks, nd, batch)
@@ -160,7 +167,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]).float()  # (num_sampled, vocab_size)
         return self._sample(logits, [c.request for c, _ in sampled])
 
-    def _execute_graphed(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+    def _execute_graphed(self, chunks: list[ScheduledChunk], launch_ahead: bool) -> RunnerOutput:
         """One new token per sequence through the captured graphs. A greedy step also launches
         the step after it before reading its own tokens back (see `_speculate`), so the GPU
         runs that step while the host applies this one's results and schedules the next."""
@@ -178,7 +185,7 @@ class ModelRunner:
                 return RunnerOutput(sampled={})
             rows = launched.logits if len(sampling) == len(chunks) else launched.logits[sampling]
             return self._sample(rows.float(), [chunks[i].request for i in sampling])
-        if self.reserve is not None and all(
+        if launch_ahead and self.reserve is not None and all(
             c.request.num_output_tokens + 1 < c.request.params.max_tokens
             and c.request.num_tokens + 1 < c.request.max_total_tokens
             for c in chunks

@@ -109,6 +109,7 @@ class Scheduler:
         self._pressure = False
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        self.more_to_schedule = False  # set by schedule()
         capacity = int(cfg.working_set_fraction * kv.pool.num_blocks) * kv.block_size
         # The admission also keeps the order sessions started in, which `session_order` uses
         # with or without a bound.
@@ -152,7 +153,10 @@ class Scheduler:
         return bool(self.requests)
 
     # ---- the step ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, decodes_only: bool = False) -> SchedulerOutput:
+        """The next step. With `decodes_only` (the runner has the running requests' next decode
+        step in flight already), only the running requests' decodes; waiting requests and prompt
+        chunks go in the step after."""
         now = time.monotonic()
         self.kv.expire_pins(now)
         if self.loading:
@@ -162,14 +166,21 @@ class Scheduler:
         self._pressure = False
         out = SchedulerOutput()
         budget = self._run_pass(out, self.cfg.max_num_batched_tokens, decodes=True)
-        if budget is not None:
+        if budget is not None and not decodes_only:
             if not out.preempted:
                 budget = self._admit(out, budget, now, first_class_only=True)
             budget = self._run_pass(out, budget, decodes=False)
-        if budget is not None and not out.preempted:
-            self._admit(out, budget, now)
+            if budget is not None and not out.preempted:
+                budget = self._admit(out, budget, now)
         out.chunks.sort(key=lambda c: c.num_tokens != 1)
         self.stats.num_steps += bool(out.chunks)
+        # Whether the next step should be scheduled in full rather than launched ahead as this
+        # step's decodes again: something waits that this step did not consider or ran out of
+        # budget for, or a running request has prompt left (a chunk to come, or copies landing).
+        scheduled = {c.request.request_id for c in out.chunks if c.samples}
+        self.more_to_schedule = (
+            bool(self.waiting) and (decodes_only or budget is None or budget <= 0 or bool(out.preempted))
+        ) or any(r.request_id not in scheduled for r in self.running)
         return out
 
     def _run_pass(self, out: SchedulerOutput, budget: int | None, decodes: bool) -> int | None:

@@ -68,7 +68,8 @@ def test_kernel_warmup_leaves_the_engine_exact(tiny_llama_dir: Path, tiny_refs) 
 
 def test_launched_ahead_steps_with_eos_stops_and_arrivals(tiny_llama_dir: Path, tiny_refs) -> None:
     """Sequences stopping on a token mid-run (so a step launched ahead is dropped), arrivals
-    joining a running batch, and eager mode agree token for token."""
+    joining a running batch (after the step launched ahead, which is used), and eager mode agree
+    token for token."""
     prompts, refs = tiny_refs
     outs = {}
     for eager in (False, True):
@@ -85,7 +86,12 @@ def test_launched_ahead_steps_with_eos_stops_and_arrivals(tiny_llama_dir: Path, 
                 if o.finished:
                     res[o.request_id] = o.token_ids
             steps += 1
-            if steps == 4:
+            if steps == 9 and not eager:  # "c" joined the step after the one launched ahead
+                assert (engine.runner.spec_hits, engine.runner.spec_misses) == (hits + 1, misses)
+                assert engine.scheduler.requests["c"].num_computed_tokens == 0
+            if steps == 8:  # after "a" stopped
+                assert eager or engine.runner.launched_ahead
+                hits, misses = engine.runner.spec_hits, engine.runner.spec_misses
                 engine.add_request(prompts[2], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), "c")
         engine.check_integrity()
         outs[eager] = res
