@@ -1,16 +1,22 @@
-"""Working-set admission: keeps the sessions being served within what the KV tiers can hold.
+"""Working-set admission: serves sessions in the order they started, as many at a time as the
+device pool holds.
 
-Agents' contexts grow turn by turn. Once the sessions in flight hold more KV than device memory
-and host RAM together, least-recently-used eviction meets the worst access pattern there is: the
-agents take turns in a cycle, so the context evicted is always the one whose turn comes next, and
-nearly every turn recomputes its whole prompt. Instead, sessions are served in the order they
-started; a session whose working set does not fit behind the earlier ones has its turns wait
-(they stay queued, while its blocks age out of the tiers first) until earlier sessions finish or
-go quiet. The engine never idles for it: with nothing running, any turn may start.
+Agents' contexts grow turn by turn. When every session is served at once, the sessions share the
+card: all of them slow down together and finish late, and once their contexts outgrow device
+memory each turn copies its context back in from host RAM, or, once they outgrow host RAM too,
+recomputes it (least-recently-used eviction meets its worst case: the agents take turns in a
+cycle, so the context evicted is always the one whose turn comes next). Instead, sessions are
+served in the order they started while their contexts fit within the capacity (a multiple of the
+device pool); a session that does not fit behind the earlier ones has its turns wait (they stay
+queued, while its blocks age out to the lower tiers first) until earlier sessions finish or go
+quiet. The earliest sessions thus run as if the card were theirs and finish first, which lowers
+the mean completion time; the engine never idles for it: with nothing running, any turn may start.
 
 A session is live from its first admitted turn until it goes quiet: no turn of it is queued or
 running, and the time it was expected back by has passed (a turn that ended without tool calls
-expects nothing). Its size is the token count of its latest turn.
+expects nothing). Its size is the token count of its latest turn. The same order ranks turns
+within a priority class (`rank`).
+"""
 """
 from __future__ import annotations
 

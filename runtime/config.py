@@ -168,11 +168,10 @@ class SchedulerConfig:
     # Under memory pressure, requests that do not return from a tool may reclaim at most this
     # fraction of the pinned working set (pins lapse by their TTL regardless).
     pin_reclaim_fraction: float = 0.25
-    # Sessions are served in the order they started while their working sets fit in this
-    # multiple of what the device pool and host RAM hold together; later sessions' turns wait
-    # until they fit (runtime.admission). 0 turns it off. Above 1 because least-recently-used
-    # eviction copes with a working set somewhat past the tiers: on an H200, 128 agents at ~1.2x
-    # kept a 0.81 hit ratio, while 256 agents at ~2.4x fell to 0.04.
+    # Sessions are served in the order they started while their contexts fit in this multiple
+    # of the device pool; later sessions' turns wait until they fit (runtime.admission). 0 turns
+    # it off. On an H200 at 128 agents (bench/agents.py), 0.75 and 1.0 gave a mean job time of
+    # 33.5 and 34.2 s, 1.5 gave 36.8 s, and serving every session at once 38.3 s.
     working_set_fraction: float = 1.0
     # Within a class, turns of sessions that started earlier go first and are preempted last (the
     # order runtime.admission keeps), so sessions finish in the order they came instead of all
