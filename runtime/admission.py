@@ -17,7 +17,6 @@ running, and the time it was expected back by has passed (a turn that ended with
 expects nothing). Its size is the token count of its latest turn. The same order ranks turns
 within a priority class (`rank`).
 """
-"""
 from __future__ import annotations
 
 import math
