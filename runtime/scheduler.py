@@ -292,19 +292,17 @@ class Scheduler:
         """Admit waiting requests, best class first, while budget, slots and blocks last;
         returns the budget left. With `first_class_only`, only requests of the first class
         (returning from a tool, aged into it, or preempted) are admitted."""
-        held: set[str] = set()  # turns of sessions that do not fit the working set this step
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            candidates = [r for r in self.waiting if r.request_id not in held]
-            if not candidates:
+        # One pass in class order: a request's class, rank and arrival do not change within a
+        # step (a request displaced meanwhile waits for the next step).
+        for req in sorted(self.waiting, key=lambda r: self._effective_class(r, now)):
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
-            req = min(candidates, key=lambda r: self._effective_class(r, now))
             if first_class_only and self._effective_class(req, now)[0] > 0:
                 break
             if (self.admission is not None and req.session_id is not None and self.running
                     and req.status == RequestStatus.WAITING
                     and not self.admission.admits(req.session_id, req.num_tokens, now)):
-                held.add(req.request_id)
-                continue
+                continue  # its session does not fit behind the live ones: it waits
             match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             if not req.fetch_planned:
                 req.fetch_planned = True
@@ -317,20 +315,18 @@ class Scheduler:
                     req.load_deadline = time.monotonic() + self.load_timeout_s
                     self.loading[req.request_id] = req
                     continue
-            n = min(req.num_tokens - match.num_tokens, budget)
-            if not self.kv.allocate(req.request_id, match.num_tokens + n, match):
+            while not self.kv.allocate(req.request_id, match.num_tokens + min(req.num_tokens - match.num_tokens, budget), match):
                 self._pressure = True
                 # Only a turn of the first class (returning from a tool, or aged into it) may
-                # take pins without bound, or displace a running request of a worse class; a
-                # reclaim may free blocks of this very match, so it is looked up again.
+                # take pins without bound, or displace a running request of a worse class;
+                # either may free blocks of this very match, so it is looked up again.
                 urgent = self._class(req, now) <= 0
-                if self._reclaim_pin(req, unbounded=urgent):
-                    continue
-                freed = self._displace(req, out, now) if urgent else None
-                if freed is not None:
+                if not self._reclaim_pin(req, unbounded=urgent):
+                    freed = self._displace(req, out, now) if urgent else None
+                    if freed is None:
+                        return budget  # no room: nothing more is admitted this step
                     budget += freed
-                    continue
-                break
+                match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             self.waiting.remove(req)
             num_cached = match.num_tokens  # after allocate: a lower block that vanished is recomputed
             n = min(req.num_tokens - num_cached, budget)
