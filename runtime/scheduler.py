@@ -315,7 +315,10 @@ class Scheduler:
                     req.load_deadline = time.monotonic() + self.load_timeout_s
                     self.loading[req.request_id] = req
                     continue
-            while not self.kv.allocate(req.request_id, match.num_tokens + min(req.num_tokens - match.num_tokens, budget), match):
+            while True:
+                n = min(req.num_tokens - match.num_tokens, budget)
+                if self.kv.allocate(req.request_id, match.num_tokens + n, match):
+                    break
                 self._pressure = True
                 # Only a turn of the first class (returning from a tool, or aged into it) may
                 # take pins without bound, or displace a running request of a worse class;
