@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from runtime.request import Request
 
@@ -25,6 +25,17 @@ class RequestOutput:
     logits: list[Any] = field(default_factory=list)
 
 
+def plain_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`; for
+    a fast tokenizer, its Rust decoder called directly: the same text (that is all the Python
+    method does with these flags) at about a third of the cost, which counts at two decodes per
+    token of every running request, each step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids: str(backend.decode(ids, skip_special_tokens=True))
+    return lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
 class IncrementalDetokenizer:
     """Decodes a growing token list into text deltas without re-decoding it all each step.
 
@@ -33,15 +44,15 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
-        self.tok = tokenizer
+        self.decode = plain_decoder(tokenizer)
         self.ids = list(prompt_ids[-6:])
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
 
     def push(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        full = self.tok.decode(self.ids[self.prefix_offset :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

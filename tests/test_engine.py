@@ -181,6 +181,38 @@ def test_streamed_deltas_add_up_to_the_text(smol: LLM) -> None:
     assert "".join(deltas) == final.text == smol.tokenizer.decode(final.token_ids, skip_special_tokens=True)
 
 
+def test_incremental_deltas_match_the_full_decode_on_both_decoders(smol: LLM) -> None:
+    """Random token runs (special tokens and byte pieces included) pushed a few at a time: the
+    deltas add up to the full decode, through the Rust decoder and through the tokenizer's own
+    Python method alike."""
+    import random
+
+    from runtime.outputs import IncrementalDetokenizer
+
+    tok = smol.tokenizer
+
+    class SlowOnly:  # the tokenizer without its fast backend
+        def decode(self, ids: list[int], **kw: object) -> str:
+            return str(tok.decode(ids, **kw))
+
+    rng = random.Random(0)
+    specials = list(tok.all_special_ids)
+    for _ in range(40):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 9))]
+        out = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(30)]
+        cuts = [0]
+        while cuts[-1] < len(out):
+            cuts.append(cuts[-1] + rng.randrange(1, 4))
+        runs = []
+        for t in (tok, SlowOnly()):
+            d = IncrementalDetokenizer(t, prompt)
+            runs.append([d.push(out[a:b]) for a, b in zip(cuts, cuts[1:])])
+        assert runs[0] == runs[1]
+        whole = tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = "".join(runs[0])  # all of it, unless it ends in an incomplete character, held back
+        assert whole.startswith(text) and (whole == text or whole.endswith("\ufffd"))
+
+
 def test_mistral_matches_transformers(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
