@@ -81,6 +81,9 @@ class KVCacheManager:
         # turns, until its deadline; the heap holds (deadline, version, owner) for expiry in
         # O(expired) per step (stale versions are skipped).
         self._pins: dict[str, _Pin] = {}
+        # block id -> pins holding it: the distinct pinned blocks, kept as pins come and go
+        # (the scheduler asks every step; a sum over every pin's blocks took milliseconds)
+        self._pin_refs: dict[int, int] = {}
         self._pin_heap: list[tuple[float, int, str]] = []
         self._pin_version = 0
         self.num_pin_expiries = 0
@@ -241,14 +244,26 @@ class KVCacheManager:
         hashes = list(entry.hashes[: len(blocks)]) if entry else []
         self.pool.touch(blocks)
         self.unpin(owner, demote=False)
+        self._hold(blocks, 1)
         self._set_pin(owner, _Pin(blocks, hashes, deadline, 0))
         return len(blocks)
+
+    def _hold(self, blocks: Sequence[Block], delta: int) -> None:
+        refs = self._pin_refs
+        for b in blocks:
+            n = refs.get(b.block_id, 0) + delta
+            if n:
+                refs[b.block_id] = n
+            else:
+                del refs[b.block_id]
 
     def copy_pins(self, src: str, dst: str) -> None:
         """A fork holds its parent's blocks too (shared, ref-counted: the prefix is held once)."""
         pin = self._pins.get(src)
         if pin is not None:
             self.pool.touch(pin.blocks)
+            self.unpin(dst, demote=False)
+            self._hold(pin.blocks, 1)
             self._set_pin(dst, _Pin(list(pin.blocks), list(pin.hashes), pin.deadline, 0))
 
     def _set_pin(self, owner: str, pin: _Pin) -> None:
@@ -273,6 +288,7 @@ class KVCacheManager:
             for h, b in zip(pin.hashes, pin.blocks):
                 if b.ref_cnt == 1:  # only the pin holds it: it may be evicted from here on
                     self.mover.demote(h, b.block_id)
+        self._hold(pin.blocks, -1)
         self.pool.release(reversed(pin.blocks))
         return len(pin.blocks)
 
@@ -301,7 +317,7 @@ class KVCacheManager:
         if owner is not None:
             pin = self._pins.get(owner)
             return len(pin.blocks) if pin else 0
-        return len({b.block_id for p in self._pins.values() for b in p.blocks})
+        return len(self._pin_refs)
 
     @property
     def num_pins(self) -> int:
@@ -319,6 +335,7 @@ class KVCacheManager:
         for pin in self._pins.values():
             for b in pin.blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        assert refs == self._pin_refs, "pinned block counts out of step with the pins"
         for rid, entry in self._entries.items():
             assert len(set(map(id, entry.blocks))) == len(entry.blocks), f"{rid}: block twice"
             assert entry.ids == [b.block_id for b in entry.blocks], f"{rid}: block ids out of step"
