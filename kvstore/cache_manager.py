@@ -285,9 +285,8 @@ class KVCacheManager:
         if pin is None:
             return 0
         if demote and self.mover is not None:
-            for h, b in zip(pin.hashes, pin.blocks):
-                if b.ref_cnt == 1:  # only the pin holds it: it may be evicted from here on
-                    self.mover.demote(h, b.block_id)
+            # only the pin holds these: they may be evicted from here on
+            self.mover.demote_many([(h, b.block_id) for h, b in zip(pin.hashes, pin.blocks) if b.ref_cnt == 1])
         self._hold(pin.blocks, -1)
         self.pool.release(reversed(pin.blocks))
         return len(pin.blocks)

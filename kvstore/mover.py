@@ -245,13 +245,19 @@ class TierMover:
 
     def demote(self, block_hash: bytes, block_id: int) -> None:
         """Keep a cached device block's content one tier down (a lapsed pin, or an eviction)."""
+        self.demote_many([(block_hash, block_id)])
+
+    def demote_many(self, items: Sequence[tuple[bytes, int]]) -> None:
+        """`demote` for several (hash, block id) pairs, copied to host in one batch."""
         if self.host is not None and self.host.num_slots:
-            if block_hash in self.host:
-                self.host.touch([block_hash])  # offloaded when computed
-                return
-            self.stats.demoted_to_host += self._to_host([(block_hash, block_id)])
+            host = self.host
+            self.host.touch([h for h, _ in items if h in host])  # offloaded when computed
+            todo = [(h, bid) for h, bid in items if h not in host]
+            if todo:
+                self.stats.demoted_to_host += self._to_host(todo)
         elif self.redis is not None:
-            self._enqueue_write(block_hash, self.device_blocks[block_id], block_id=block_id)
+            for h, bid in items:
+                self._enqueue_write(h, self.device_blocks[bid], block_id=bid)
 
     def evicted(self, block_hash: bytes, block_id: int) -> None:
         """A cached device block is about to be reused: demote it, and make the compute that
