@@ -251,7 +251,7 @@ class TierMover:
         """`demote` for several (hash, block id) pairs, copied to host in one batch."""
         if self.host is not None and self.host.num_slots:
             host = self.host
-            self.host.touch([h for h, _ in items if h in host])  # offloaded when computed
+            host.touch([h for h, _ in items if h in host])  # offloaded when computed
             todo = [(h, bid) for h, bid in items if h not in host]
             if todo:
                 self.stats.demoted_to_host += self._to_host(todo)
