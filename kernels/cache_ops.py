@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rotate(x1, x2, c, s, dt):
@@ -34,8 +36,10 @@ def _write_kv_kernel(
     stride_qt, stride_qh, stride_cos,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_ELEMS: tl.constexpr, BLOCK: tl.constexpr,
     ROPE: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot < 0:
@@ -134,6 +138,7 @@ def write_kv(
         BLOCK=triton.next_power_of_2(heads * head_dim),
         ROPE=rope is not None, NUM_HEADS=q.shape[1], NUM_KV_HEADS=heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(max(q.shape[1], heads)), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        **pdl.launch(k.device),
     )
 
 

@@ -12,12 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
     X, R, W, Out, stride_x, stride_r, stride_o, N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     mask = c < N
@@ -53,13 +57,15 @@ def add_rmsnorm(
         _add_rmsnorm_kernel[(x.shape[0],)](
             x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), x.shape[1], eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-            num_warps=8 if x.shape[1] >= 4096 else 4,
+            num_warps=8 if x.shape[1] >= 4096 else 4, **pdl.launch(x.device),
         )
     return out, (residual if residual is not None else x)
 
 
 @triton.jit
-def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < N
@@ -78,5 +84,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # (rows, 2 * inter) -> (ro
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     if rows:
         block = 1024
-        _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+        _silu_mul_kernel[(rows, triton.cdiv(n, block))](
+            gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, **pdl.launch(gate_up.device))
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import sync
+from kernels import pdl, sync
 
 LOG2E = 1.4426950408889634
 
@@ -114,7 +114,10 @@ def _decode_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     # One program: one sequence, one KV head (all GROUP query heads sharing it, so K/V are read
     # once), one slice of the context. Slices are sized per sequence, so short and long
     # sequences in one batch each spread over all NUM_SPLITS programs.
@@ -234,7 +237,7 @@ def paged_decode(
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out
 
@@ -252,8 +255,10 @@ def _prefill_kernel(
     stride_tiles,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     # One program: one query head, one tile of the tile table = BLOCK_M new tokens of one
     # sequence. New token i sits at absolute position prefix + i and attends to every key at or
     # before it (cached or new). A tile of sequence -1 is padding (a graph's fixed grid).
@@ -367,6 +372,6 @@ def paged_prefill(
         out.stride(0), out.stride(1),
         GROUP=heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import sync
+from kernels import pdl, sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ def _skinny_kernel(
     X, W, Y, Part, Count, M, N, K,
     stride_xm, stride_wn, stride_ym, stride_ps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATED: tl.constexpr,
+    GATED: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -55,6 +55,16 @@ def _skinny_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     w_rows = W + n.to(tl.int64)[:, None] * stride_wn
+    if PREFETCH > 0:
+        # Before the wait (kernels.pdl, rule 3): this program's first PREFETCH weight tiles into
+        # L2, one address per LINE-element line, while the predecessor still runs.
+        cols = tl.minimum(t0 * BLOCK_K + tl.arange(0, PREFETCH * BLOCK_K // LINE) * LINE, K - 1)
+        pf_rows = W + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn + cols[None, :]  # (BLOCK_N, lines)
+        pdl.prefetch_l2(pf_rows)
+        if GATED:
+            pdl.prefetch_l2(pf_rows + N * stride_wn)
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     x_rows = X + m[:, None] * stride_xm
     for t in range(t0, t1):
         k = t * BLOCK_K + kk
@@ -105,6 +115,13 @@ def config_for(n: int, k: int, num_sms: int, gated: bool = False) -> SkinnyConfi
     return SkinnyConfig(block_n=block_n, block_k=128, split_k=split, num_warps=4, num_stages=stages)
 
 
+def _prefetch_tiles(programs: int, tiles_per_program: int, tile_bytes: int) -> int:
+    """Weight tiles each program prefetches before its wait: as many as the budget
+    (pdl.settings.prefetch_bytes over all programs) allows, at most its own, a power of two."""
+    fit = min(tiles_per_program, pdl.settings.prefetch_bytes // max(1, programs * tile_bytes))
+    return 0 if fit < 1 else 1 << (fit.bit_length() - 1)
+
+
 def skinny_matmul(
     x: torch.Tensor,  # (M, K)
     w: torch.Tensor,  # (N, K), or (2N, K) [gate | up] with gated=True
@@ -140,10 +157,13 @@ def skinny_matmul(
         count = sync.counters(x.device, tiles)
     else:
         part = count = out  # unused
+    launch = pdl.launch(x.device)
+    prefetch = _prefetch_tiles(tiles * split, triton.cdiv(triton.cdiv(k, cfg.block_k), split),
+                               cfg.block_n * (2 if gated else 1) * cfg.block_k * w.element_size()) if launch["USE_PDL"] else 0
     _skinny_kernel[(tiles, split)](
         x, w, out, part, count, rows, n, k,
         x.stride(0), w.stride(0), out.stride(0), part.stride(0) if split > 1 else 0,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, GATED=gated,
-        num_warps=cfg.num_warps, num_stages=stages,
+        PREFETCH=prefetch, LINE=128 // w.element_size(), num_warps=cfg.num_warps, num_stages=stages, **launch,
     )
     return out

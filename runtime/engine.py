@@ -215,6 +215,12 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         ts = time.perf_counter()
+        launched = self.runner.launched_ids
+        if launched and not launched <= {r.request_id for r in self.scheduler.running}:
+            # A request of the step in flight stopped on a token, was aborted or preempted: the
+            # step is stale. (Kept, it would make this a decodes-only step that might schedule
+            # nothing, and nothing else, forever.)
+            self.runner.drop_launched()
         # A decode step launched ahead is this step: new work joins the step after it, rather
         # than the launched step being thrown away (a whole step of GPU time).
         sched = self.scheduler.schedule(decodes_only=self.runner.launched_ahead)

@@ -76,6 +76,11 @@ class ModelRunner:
         """Whether a decode step is in flight already (the scheduler should ask for exactly it)."""
         return self._spec is not None
 
+    @property
+    def launched_ids(self) -> frozenset[str]:
+        """The requests of the decode step in flight (empty when none)."""
+        return frozenset(r for r, _ in self._spec.key) if self._spec is not None else frozenset()
+
     def drop_launched(self) -> None:
         """Forget a step launched ahead (its requests are gone)."""
         if self._spec is not None:

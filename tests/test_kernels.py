@@ -313,3 +313,98 @@ def test_prefill_tiles_cover_every_chunk_once_longest_first() -> None:
     assert keys == sorted(keys, reverse=True)
     with pytest.raises(ValueError, match="do not fit"):
         paged_attention.prefill_tiles(qlens, ctx, 64, out=np.zeros((2, 6), np.int32))
+
+
+def test_prefetch_budget_is_a_power_of_two_within_each_programs_tiles() -> None:
+    from kernels import pdl, skinny_gemm
+
+    saved = pdl.settings.prefetch_bytes
+    try:
+        pdl.settings.prefetch_bytes = 16 << 20
+        tile = 64 * 128 * 2  # a bf16 weight tile of 64 rows x 128 columns
+        assert skinny_gemm._prefetch_tiles(96, 32, tile) == 8  # qkv 6144 x 4096: 10 fit, rounded down
+        assert skinny_gemm._prefetch_tiles(64, 32, tile) == 16  # o 4096 x 4096
+        assert skinny_gemm._prefetch_tiles(4, 3, tile) == 2  # no more than the program's own tiles
+        assert skinny_gemm._prefetch_tiles(224, 32, 2 * tile) == 2
+        pdl.settings.prefetch_bytes = 0
+        assert skinny_gemm._prefetch_tiles(1, 32, tile) == 0
+    finally:
+        pdl.settings.prefetch_bytes = saved
+    assert pdl.launch(torch.device("cpu")) == {"USE_PDL": False}
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs a Hopper GPU")
+def test_dependent_launches_in_a_graph_change_no_value() -> None:
+    """Decode layers' kernel chain (norm, qkv, KV write with RoPE, split decode, o, norm, gated
+    MLP, down), captured in a CUDA graph with programmatic dependent launch and weight prefetch,
+    and with plain launches, replayed on two different inputs: bit-identical outputs and caches.
+    A kernel that read its input before its predecessor wrote it would differ."""
+    from kernels import pdl, skinny_gemm
+
+    torch.manual_seed(0)
+    dt, rows, hidden, heads, kv_heads, hd, inter, page, layers = torch.bfloat16, 8, 4096, 32, 8, 128, 14336, 16, 3
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    w = [{"qkv": (torch.randn((heads + 2 * kv_heads) * hd, hidden, device=DEV) / hidden**0.5).to(dt),
+          "o": (torch.randn(hidden, heads * hd, device=DEV) / hidden**0.5).to(dt),
+          "gu": (torch.randn(2 * inter, hidden, device=DEV) / hidden**0.5).to(dt),
+          "down": (torch.randn(hidden, inter, device=DEV) / inter**0.5).to(dt),
+          "n1": torch.rand(hidden, device=DEV).to(dt) + 0.5, "n2": torch.rand(hidden, device=DEV).to(dt) + 0.5}
+         for _ in range(layers)]
+    ctx = [700, 1, 33, 1024, 5, 300, 64, 999]
+    kc0, vc0, table = _paged(ctx, page, kv_heads, hd, dt, seed=3)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    pos = lens.long() - 1
+    slots = (table.long().gather(1, (pos // page)[:, None])[:, 0] * page + pos % page).contiguous()
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=DEV).float() / hd))
+    freqs = torch.outer(torch.arange(2048, device=DEV).float(), inv)
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    x_in = torch.empty(rows, hidden, dtype=dt, device=DEV)
+    cfg = {k: skinny_gemm.config_for(n, kk, sms, gated=g) for k, n, kk, g in
+           (("qkv", (heads + 2 * kv_heads) * hd, hidden, False), ("o", hidden, heads * hd, False),
+            ("gu", inter, hidden, True), ("down", hidden, inter, False))}
+
+    def forward(kc, vc):
+        h, res = x_in, None
+        for lw in w:
+            x, res = fused_ops.add_rmsnorm(h, res, lw["n1"], 1e-5)
+            q, k, v = skinny_gemm.skinny_matmul(x, lw["qkv"], cfg["qkv"]).split([heads * hd, kv_heads * hd, kv_heads * hd], -1)
+            q = q.view(rows, heads, hd)
+            cache_ops.write_kv(kc, vc, k.view(rows, kv_heads, hd), v.view(rows, kv_heads, hd), slots,
+                               cache_ops.Rope(q, pos, cos, sin))
+            o = paged_attention.paged_decode(q, kc, vc, table, lens, num_splits=4)
+            h = skinny_gemm.skinny_matmul(o.view(rows, heads * hd), lw["o"], cfg["o"])
+            x, res = fused_ops.add_rmsnorm(h, res, lw["n2"], 1e-5)
+            h = skinny_gemm.skinny_matmul(skinny_gemm.skinny_matmul(x, lw["gu"], cfg["gu"], gated=True), lw["down"], cfg["down"])
+        return h
+
+    def run(enabled: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        saved = (pdl.settings.enabled, pdl.settings.prefetch_bytes)
+        pdl.settings.enabled, pdl.settings.prefetch_bytes = enabled, 16 << 20
+        try:
+            kc, vc = kc0.clone(), vc0.clone()
+            x_in.normal_(generator=torch.Generator(device=DEV).manual_seed(1))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward(kc, vc)  # compiles
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward(kc, vc)
+            results = []
+            for seed in (2, 3):
+                kc.copy_(kc0)
+                vc.copy_(vc0)
+                x_in.normal_(generator=torch.Generator(device=DEV).manual_seed(seed))
+                graph.replay()
+                results.append((out.clone(), kc.clone()))
+            torch.cuda.synchronize()
+            return results
+        finally:
+            pdl.settings.enabled, pdl.settings.prefetch_bytes = saved
+
+    plain, dependent = run(False), run(True)
+    for (o1, k1), (o2, k2) in zip(plain, dependent):
+        assert not torch.isnan(o1).any()
+        assert torch.equal(o1, o2) and torch.equal(k1, k2)
+    assert not torch.equal(plain[0][0], plain[1][0])  # the two inputs gave different outputs

@@ -102,6 +102,40 @@ def test_launched_ahead_steps_with_eos_stops_and_arrivals(tiny_llama_dir: Path, 
     assert outs[False]["b"] == refs[1] and outs[False]["c"] == refs[2]
 
 
+def test_a_launched_step_is_dropped_when_its_requests_end(tiny_llama_dir: Path, tiny_refs) -> None:
+    """The only running request stops on a token, or is aborted, while the step after it is
+    launched ahead: that step is dropped, and a request arriving next is served (it used to wait
+    forever behind a decodes-only step with nothing to decode)."""
+    prompts, refs = tiny_refs
+    llm = LLM(str(tiny_llama_dir), device=DEVICE, dtype="float32", attention_backend="triton",
+              block_size=4, num_blocks=64, max_num_seqs=4)
+    engine = llm.engine
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def serve(prompt: list[int], params: SamplingParams, rid: str, steps: int = 40) -> list[int] | None:
+        engine.add_request(prompt, params, rid)
+        for _ in range(steps):  # bounded: a stuck engine fails here instead of hanging
+            for o in engine.step():
+                if o.finished:
+                    return o.token_ids
+        return None
+
+    stop = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[refs[0][5]])
+    assert serve(prompts[0], stop, "stops") == refs[0][: refs[0].index(refs[0][5]) + 1]
+    assert engine.runner.launched_ahead  # the step after the stop, in flight
+    misses = engine.runner.spec_misses
+    assert serve(prompts[1], greedy, "next") == refs[1]
+    assert engine.runner.spec_misses == misses + 1  # dropped, not waited on
+    engine.add_request(prompts[2], greedy, "gone")
+    for _ in range(4):
+        engine.step()
+    assert engine.runner.launched_ahead
+    engine.abort("gone")  # a client that went away mid-stream
+    assert serve(prompts[3], greedy, "after") == refs[3]
+    assert engine.runner.spec_misses == misses + 2
+    engine.check_integrity()
+
+
 def test_restores_from_host_match_transformers(tiny_llama_dir: Path, tiny_refs) -> None:
     """Blocks offloaded to host as they are computed, evicted from the device, and copied back
     (on CUDA: on the copy stream, each request joining the batch once its copies land) while the
