@@ -46,8 +46,11 @@ class WorkingSetAdmission:
         self._fitting: set[str] | None = None
         self._total = 0
         self._at = -math.inf
-        self.num_held = 0  # times a turn was held back (once per step it waits)
+        self.num_held = 0  # times a turn was held back (once per step that considers it)
         self._next_rank = 0
+        # Bumped by every change that may change an answer of `admits`, except time passing
+        # (see `quiet_at`): a caller that saw every turn held may skip asking again until then.
+        self.version = 0
 
     def admits(self, session_id: str, tokens: int, now: float) -> bool:
         """Whether a turn of `session_id` may start: a live session if it is in the fitting head
@@ -71,7 +74,7 @@ class WorkingSetAdmission:
             self._next_rank += 1
         else:
             rec.tokens, rec.until = tokens, math.inf
-        self._fitting = None
+        self._changed()
 
     def queued(self, session_id: str) -> None:
         """A turn of the session was queued: a live session stays live (in its place) while it
@@ -79,7 +82,7 @@ class WorkingSetAdmission:
         rec = self._live.get(session_id)
         if rec is not None:
             rec.until = math.inf
-            self._fitting = None
+            self._changed()
 
     def finished(self, session_id: str, tokens: int, until: float) -> None:
         """A turn of the session ended with the session `tokens` long; it is expected back by
@@ -87,7 +90,7 @@ class WorkingSetAdmission:
         rec = self._live.get(session_id)
         if rec is not None:
             rec.tokens, rec.until = tokens, until
-            self._fitting = None
+            self._changed()
 
     def expect(self, session_id: str, until: float) -> None:
         """The session's owner knows better when it returns (a tool's learned duration), or that
@@ -95,7 +98,12 @@ class WorkingSetAdmission:
         rec = self._live.get(session_id)
         if rec is not None and rec.until != math.inf:
             rec.until = until
-            self._fitting = None
+            self._changed()
+
+    def quiet_at(self, now: float) -> float:
+        """The first time after `now` at which a live session goes quiet (math.inf: none is
+        expected to), when the answers of `admits` may change without any call here."""
+        return min((r.until for r in self._live.values() if now < r.until), default=math.inf)
 
     def rank(self, session_id: str | None) -> float:
         """The session's place in the order while it is live (smaller: earlier); math.inf for
@@ -107,11 +115,16 @@ class WorkingSetAdmission:
         self._refresh(now)
         return self._total
 
+    def _changed(self) -> None:
+        self._fitting = None
+        self.version += 1
+
     def _refresh(self, now: float) -> None:
         if self._fitting is not None and now == self._at:
             return
         for sid in [sid for sid, r in self._live.items() if r.until <= now]:
             del self._live[sid]
+            self.version += 1
         fitting: set[str] = set()
         used = 0
         for sid, rec in self._live.items():

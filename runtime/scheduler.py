@@ -110,6 +110,14 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self.more_to_schedule = False  # set by schedule()
+        # Requests ever queued into `waiting` (arrivals, returns from loading, preemptions), and,
+        # when the last full step's admission pass held back every waiting request for the
+        # working set, that count and the admission's version then: until either changes (or a
+        # session goes quiet, `_held_until`), the held requests cannot start, so decode steps
+        # may keep being launched ahead.
+        self._intake = 0
+        self._held: tuple[int, int] | None = None
+        self._held_until = 0.0
         capacity = int(cfg.working_set_fraction * kv.pool.num_blocks) * kv.block_size
         # The admission also keeps the order sessions started in, which `session_order` uses
         # with or without a bound.
@@ -121,6 +129,7 @@ class Scheduler:
         assert req.request_id not in self.requests
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self._intake += 1
         if self.admission is not None and req.session_id is not None:
             self.admission.queued(req.session_id)
 
@@ -165,6 +174,8 @@ class Scheduler:
             self._pinned_high_water = self.kv.pinned_blocks()
         self._pressure = False
         out = SchedulerOutput()
+        if not decodes_only:
+            self._held = None  # set again by an admission pass that holds every waiting request
         budget = self._run_pass(out, self.cfg.max_num_batched_tokens, decodes=True)
         if budget is not None and not decodes_only:
             if not out.preempted:
@@ -177,11 +188,19 @@ class Scheduler:
         # Whether the next step should be scheduled in full rather than launched ahead as this
         # step's decodes again: something waits that this step did not consider or ran out of
         # budget for, or a running request has prompt left (a chunk to come, or copies landing).
+        # Requests the working-set admission holds do not count while nothing has changed.
         scheduled = {c.request.request_id for c in out.chunks if c.samples}
+        waits = bool(self.waiting) and not self._all_held(now)
         self.more_to_schedule = (
-            bool(self.waiting) and (decodes_only or budget is None or budget <= 0 or bool(out.preempted))
+            waits and (decodes_only or budget is None or budget <= 0 or bool(out.preempted))
         ) or any(r.request_id not in scheduled for r in self.running)
         return out
+
+    def _all_held(self, now: float) -> bool:
+        """Whether every waiting request is still held back by the working-set admission, as
+        the last full admission pass found: nothing was queued and no session changed since."""
+        return (self._held is not None and self.admission is not None and now < self._held_until
+                and self._held == (self._intake, self.admission.version))
 
     def _run_pass(self, out: SchedulerOutput, budget: int | None, decodes: bool) -> int | None:
         """Give the running requests whose next chunk is a decode (or, with `decodes` off, a
@@ -228,6 +247,7 @@ class Scheduler:
         for req in sorted(back, key=lambda r: r.arrival_time, reverse=True):
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
+            self._intake += 1
 
     def _reclaim_pin(self, req: Request, unbounded: bool) -> bool:
         """Release one session's pin to make room for `req`; False when none may be taken."""
@@ -294,14 +314,16 @@ class Scheduler:
         (returning from a tool, aged into it, or preempted) are admitted."""
         # One pass in class order: a request's class, rank and arrival do not change within a
         # step (a request displaced meanwhile waits for the next step).
+        held = 0
         for req in sorted(self.waiting, key=lambda r: self._effective_class(r, now)):
             if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
-                break
+                return budget
             if first_class_only and self._effective_class(req, now)[0] > 0:
-                break
+                return budget
             if (self.admission is not None and req.session_id is not None and self.running
                     and req.status == RequestStatus.WAITING
                     and not self.admission.admits(req.session_id, req.num_tokens, now)):
+                held += 1
                 continue  # its session does not fit behind the live ones: it waits
             match = self.kv.find_prefix(req.request_id, req.token_ids, req.hasher)
             if not req.fetch_planned:
@@ -348,6 +370,10 @@ class Scheduler:
             if self.kv.restore_ready(req.request_id):
                 out.chunks.append(self._chunk(req, n))
                 budget -= n
+        if held and held == len(self.waiting) and self.admission is not None:
+            # every request considered and every one left held (the others started or load)
+            self._held = (self._intake, self.admission.version)
+            self._held_until = self.admission.quiet_at(now)
         return budget
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
@@ -361,6 +387,7 @@ class Scheduler:
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
+        self._intake += 1
         self.stats.num_preemptions += 1
 
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestUpdate]:

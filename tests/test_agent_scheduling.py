@@ -309,6 +309,47 @@ def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir
         engine.check_integrity()
 
 
+def test_turns_held_by_the_working_set_leave_decode_steps_launched_ahead(tiny_llama_dir: Path) -> None:
+    """While every waiting turn is held by the working-set admission, each decode step launches
+    the next one ahead (nothing can start until a session changes or a request arrives), and the
+    outputs are those of eager mode. An arrival, or a live session going quiet, is taken up
+    within two steps."""
+    results = {}
+    for eager in (False, True):
+        # 48 blocks of 4 at fraction 0.5: the sessions may hold 96 tokens
+        engine = LLM(str(tiny_llama_dir), attention_backend="triton", num_blocks=48, block_size=4,
+                     host_cache_gib=0, working_set_fraction=0.5, pin_default_ttl_s=60.0, max_num_seqs=4,
+                     enforce_eager=eager).engine
+        runner, admission = engine.runner, engine.scheduler.admission
+        assert admission is not None
+        short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        for sid, seed in (("a", 1), ("b", 2)):  # two sessions of 44 tokens each, pinned
+            _run(engine, engine.add_request(_rand(40, seed), short, session_id=sid, priority=2))
+        busy = engine.add_request(_rand(12, 3), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        held = engine.add_request(_rand(16, 4), short, session_id="c", priority=2)  # 88 + 16 > 96
+        for _ in range(3):
+            engine.step()
+        hits = runner.spec_hits
+        for _ in range(8):
+            engine.step()
+        assert held.num_computed_tokens == 0
+        if not eager:
+            assert runner.spec_hits - hits >= 7  # every step but at most one was launched ahead
+        late = engine.add_request(_rand(8, 5), short)  # no session: never held
+        engine.step()
+        engine.step()
+        assert late.num_computed_tokens > 0
+        admission.expect("a", until=0.0)  # a's agent is done: c fits now
+        engine.step()
+        engine.step()
+        assert held.num_computed_tokens > 0
+        while engine.has_unfinished:
+            engine.step()
+        results[eager] = [r.output_token_ids for r in (busy, late, held)]
+        engine.check_integrity()
+    assert results[False] == results[True]
+
+
 def test_turns_of_the_session_that_started_first_go_first(tiny_llama_dir: Path) -> None:
     """Two live sessions' turns of one class wait for the one sequence slot: the turn of the
     session that started first runs first, though it arrived second. With `session_order` off,
