@@ -25,7 +25,8 @@ A name may end in ":N" (say ember:1024) to run with a per-step token budget of N
 settings "@field=value" (say ember@working_set_fraction=0.5@session_order=0).
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
-carried no prefill), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
+carried no prefill; and in parts: noticed between steps, queued until admitted, computed until
+the first token), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
 Writes bench/results/agents[-<agents>...].json.
 """
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Agent:
     call: tuple[str, str] | None = None
     done_at: float | None = None
     ttfts: list[float] = field(default_factory=list)
+    # per tool-return turn: (noticed, queued, computed) seconds, summing to its TTFT (see `run`)
+    ttft_parts: list[tuple[float, float, float]] = field(default_factory=list)
+    request: Any = None  # the turn in flight
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -159,7 +163,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
 
     def start_turn(a: Agent, since: float) -> None:
         req = se.start_turn(a.session, params)
-        a.turn_start, a.got_first = since, False
+        a.turn_start, a.got_first, a.request = since, False, req
         by_request[req.request_id] = a
 
     started: set[int] = set()
@@ -201,6 +205,12 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
                 a.got_first = True
                 if a.tool_return:
                     a.ttfts.append(now - a.turn_start)
+                    # TTFT = noticed (the tool's return to the turn's submission, between steps)
+                    # + queued (to its admission: held, waiting for room or for its restore)
+                    # + computed (its prompt's chunks, and the step launched ahead it followed)
+                    req = a.request
+                    a.ttft_parts.append((req.arrival_time - a.turn_start, req.admitted_time - req.arrival_time,
+                                         now - req.admitted_time))
             if out.finished:
                 a.turns_left -= 1
                 if a.turns_left == 0:
@@ -228,6 +238,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
         "tool_ttft_p50_s": pct(ttft, 0.5), "tool_ttft_p95_s": pct(ttft, 0.95),
         "decode_step_s": decode_step,
         "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
+        "tool_ttft_parts_p50_s": {k: pct([p[i] for a in agents for p in a.ttft_parts], 0.5)
+                                  for i, k in enumerate(("noticed", "queued", "computed"))},
+        "tool_ttft_parts_p95_s": {k: pct([p[i] for a in agents for p in a.ttft_parts], 0.95)
+                                  for i, k in enumerate(("noticed", "queued", "computed"))},
         "prefix_hit_ratio": (prompt - tiers["recomputed"]) / prompt if prompt else 0.0,
         "prompt_tokens_by_tier": dict(tiers),
         "hit_ratio_by_tier": {k: v / prompt for k, v in tiers.items()} if prompt else {},
@@ -337,6 +351,9 @@ def main() -> None:
                 print(f"{agents:4d} {c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
                       f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
                       f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s", flush=True)
+                parts = "  ".join(f"{k} {r['tool_ttft_parts_p50_s'][k] * 1e3:.1f}/{r['tool_ttft_parts_p95_s'][k] * 1e3:.0f} ms"
+                                  for k in r["tool_ttft_parts_p50_s"])
+                print(f"{'':17} TTFT parts p50/p95: {parts}", flush=True)
                 # Written after every configuration: a run cut short keeps what it measured.
                 out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         llm.close()

@@ -41,6 +41,7 @@ class Request:
     num_preemptions: int = 0
     fetch_planned: bool = False  # the lower tiers were consulted (once per request)
     load_deadline: float = 0.0  # monotonic time after which a pending fetch is abandoned
+    admitted_time: float = 0.0  # monotonic time it first started running (0: not yet)
     cache_by_tier: dict[str, int] | None = None  # prompt tokens per source, set at first schedule
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: Any = None  # torch.Generator for seeded sampling, made by the runner

@@ -364,6 +364,7 @@ class Scheduler:
                 for k, v in by_tier.items():
                     self.stats.prompt_tokens_by_tier[k] += v
             req.status = RequestStatus.RUNNING
+            req.admitted_time = req.admitted_time or now
             self.running.append(req)
             if self.admission is not None and req.session_id is not None:
                 self.admission.started(req.session_id, req.num_tokens)
