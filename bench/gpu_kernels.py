@@ -4,7 +4,8 @@
 
 Decode attention over one layer of a Llama-3-8B-shaped paged cache (32 query heads, 8 KV heads,
 head_dim 128, block 16, context 1,024) for each batch size and several tile configurations;
-prefill attention at 8 x 1,024 tokens; block gather/scatter of 2 MiB blocks. Bytes counted are the
+prefill attention at 8 x 1,024 tokens; an extend of a few hundred tokens over a long cached
+context with its keys in 1, 2 and 4 slices per tile (and the count Ember picks); block gather/scatter of 2 MiB blocks. Bytes counted are the
 K/V (or blocks) read and written. Prints a table, writes bench/results/gpu_kernels.json.
 """
 from __future__ import annotations
@@ -85,6 +86,25 @@ def main() -> None:
                      "us": ms * 1e3, "tflops": attn_flops / (ms / 1e3) / 1e12})
         print(f"prefill 8x1024 {bm}x{bn} w{warps} s{stages}: {ms * 1e3:8.1f} us {attn_flops / (ms / 1e3) / 1e12:6.0f} TFLOP/s",
               flush=True)
+
+    # A tool's output extending a long cached context (one sequence, few query tiles): the keys
+    # in one slice per tile and in the slices Ember picks (paged_attention.prefill_splits).
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for prefix, new in ((4096, 300), (4096, 640), (1024, 300), (8192, 128)):
+        ctx = prefix + new
+        table = torch.randperm(kc.shape[0], device="cuda")[: -(-ctx // PAGE)].to(torch.int32)[None]
+        qx = torch.randn(new, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        tiles = torch.from_numpy(paged_attention.prefill_tiles([new], [ctx], 64)).cuda()
+        flops = 4 * HEADS * HEAD_DIM * new * (prefix + (new + 1) / 2)
+        picked = paged_attention.prefill_splits(tiles.shape[1], HEADS, sms)
+        for splits in sorted({1, 2, 4, picked}):
+            ms = graph_time_ms(lambda: paged_attention.paged_prefill(
+                qx, kc, vc, table, torch.zeros(1, **i32), torch.full((1,), new, **i32), torch.full((1,), ctx, **i32),
+                tiles, num_splits=splits))
+            rows.append({"kernel": "extend", "prefix": prefix, "new": new, "splits": splits, "picked": splits == picked,
+                         "us": ms * 1e3, "tflops": flops / (ms / 1e3) / 1e12})
+            print(f"extend {new} over {prefix}: splits {splits}{' (picked)' if splits == picked else ''} "
+                  f"{ms * 1e3:8.1f} us {flops / (ms / 1e3) / 1e12:6.0f} TFLOP/s", flush=True)
 
     cache = torch.randn(600, 32, 2, PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")  # 2 MiB blocks
     ids = torch.randperm(600, device="cuda")[:256]

@@ -74,9 +74,12 @@ def _attend_tile(
     q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
 ):
     """Fold keys [n0, n0 + BLOCK_N) (those < end) of one KV head into the online softmax state
-    (m, l, acc) of the query rows q (ROWS, BLOCK_D); with CAUSAL, row i sees keys <= qpos[i]."""
+    (m, l, acc) of the query rows q (ROWS, BLOCK_D); with CAUSAL, row i sees keys <= qpos[i].
+    EMPTY_ROWS: a row may have seen no key yet and see none here (a slice of the keys that
+    starts past its position), which leaves its state at (-inf, 0, 0) instead of NaN."""
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < end
     blk = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
@@ -90,8 +93,12 @@ def _attend_tile(
         visible = visible & (n[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if EMPTY_ROWS:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(V + (blk * stride_vb + row * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
                 mask=kv_mask, other=0.0)
@@ -145,7 +152,7 @@ def _decode_kernel(
         m, l, acc = _attend_tile(
             q, m, l, acc, K, V, table, n0, end, rows, kvh, d, dmask,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-            PAGE, BLOCK_N, False, PRECISION,
+            PAGE, BLOCK_N, False, PRECISION, False,
         )
 
     if NUM_SPLITS == 1:
@@ -246,7 +253,7 @@ def paged_decode(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Tiles, Out,
+    Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Tiles, Out, PartO, PartLse, Count,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -254,16 +261,21 @@ def _prefill_kernel(
     stride_bt,
     stride_tiles,
     stride_ot, stride_oh,
+    stride_ps, stride_pt, stride_ph,
+    stride_ls, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
     # One program: one query head, one tile of the tile table = BLOCK_M new tokens of one
-    # sequence. New token i sits at absolute position prefix + i and attends to every key at or
-    # before it (cached or new). A tile of sequence -1 is padding (a graph's fixed grid).
+    # sequence, one of NUM_SPLITS slices of the keys it sees. New token i sits at absolute
+    # position prefix + i and attends to every key at or before it (cached or new). A tile of
+    # sequence -1 is padding (a graph's fixed grid).
     h = tl.program_id(0)
     tile = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(Tiles + tile)
     if seq < 0:
         return
@@ -288,15 +300,55 @@ def _prefill_kernel(
     table = BlockTables + seq * stride_bt
     # Keys past the last row's position are never seen by this tile.
     end = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
+    per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, end)
+    for n0 in range(start, end, BLOCK_N):
         m, l, acc = _attend_tile(
             q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-            PAGE, BLOCK_N, True, PRECISION,
+            PAGE, BLOCK_N, True, PRECISION, NUM_SPLITS > 1,
         )
-    out = acc / l[:, None]
-    tl.store(Out + (qstart + mi)[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    omask = mmask[:, None] & dmask[None, :]
+    out_ptr = Out + (qstart + mi)[:, None] * stride_ot + h * stride_oh + d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr, (acc / l[:, None]).to(Out.dtype.element_ty), mask=omask)
+    else:
+        # As the decode kernel: each slice's normalised output and log-sum-exp go to the
+        # partials, and the last slice of the (tile, head) to finish merges them in slice order.
+        # Slice 0 holds key 0, which every row sees, so no row is empty in all of them.
+        has = l > 0
+        part_o = PartO + (qstart + mi)[:, None] * stride_pt + h * stride_ph + d[None, :]
+        part_lse = PartLse + (qstart + mi) * stride_lt + h
+        tl.store(part_o + split * stride_ps, tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0),
+                 mask=omask)
+        tl.store(part_lse + split * stride_ls, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")),
+                 mask=mmask)
+        tl.debug_barrier()
+        counter = Count + tile * tl.num_programs(0) + h
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            w_all = tl.zeros([BLOCK_M], tl.float32)
+            o_all = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):
+                lse_s = tl.load(part_lse + sp * stride_ls, mask=mmask, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(part_o + sp * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)
+                scale_old = tl.exp2(m_all - m_new)
+                w_s = tl.exp2(lse_s - m_new)
+                w_all = w_all * scale_old + w_s
+                o_all = o_all * scale_old[:, None] + w_s[:, None] * o_s
+                m_all = m_new
+            tl.store(out_ptr, (o_all / w_all[:, None]).to(Out.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+def prefill_splits(num_tiles: int, heads: int, num_sms: int) -> int:
+    """Slices of the keys per extend tile: two when the tiles' programs give under two per
+    multiprocessor (a few hundred tokens extending a long cached prefix, as a tool's output
+    does, would otherwise leave most of the card idle), else one. More slices would add more
+    partial traffic than they save."""
+    return 2 if 0 < num_tiles * heads < 2 * num_sms else 1
 
 
 def prefill_block_m(dtype: torch.dtype, head_dim: int) -> int:
@@ -345,10 +397,12 @@ def paged_prefill(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    num_splits: int = 1,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
-    The grid is the tile table's width, so a CUDA graph can hold a launch whose sequences and
-    lengths change between replays (padding tiles do nothing). Launches no host sync."""
+    The grid is the tile table's width (times `num_splits` slices of each tile's keys, merged by
+    the last slice to finish), so a CUDA graph can hold a launch whose sequences and lengths
+    change between replays (padding tiles do nothing). Launches no host sync."""
     out = _check_q_out(q, k_cache, v_cache, out, "num_tokens")
     num_seqs = block_tables.shape[0]
     _check_index("block_tables", block_tables, 2, num_seqs)
@@ -356,13 +410,24 @@ def paged_prefill(
         _check_index(name, t, 1, num_seqs)
     _check_index("tiles", tiles, 2, 2)
     tokens, heads, head_dim = q.shape
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_seqs == 0 or tiles.shape[1] == 0:
         return out
     block_m = block_m or prefill_block_m(q.dtype, head_dim)
     if head_dim > 128 and q.dtype == torch.float32:
         block_n = min(block_n, 32)  # (as prefill_block_m: float32 tiles of 256 dims exceed shared memory at 64)
-    _prefill_kernel[(heads, tiles.shape[1])](
+    if num_splits > 1:
+        part_o = torch.empty(num_splits, tokens, heads, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_splits, tokens, heads, dtype=torch.float32, device=q.device)
+        count = sync.counters(q.device, tiles.shape[1] * heads)
+        p_strides, l_strides = part_o.stride()[:3], part_lse.stride()[:2]
+    else:
+        part_o, part_lse, count = out, out, out  # unused
+        p_strides, l_strides = (0, 0, 0), (0, 0)
+    _prefill_kernel[(heads, tiles.shape[1], num_splits)](
         q, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, tiles, out,
+        part_o, part_lse, count,
         LOG2E / math.sqrt(head_dim),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -370,8 +435,9 @@ def paged_prefill(
         block_tables.stride(0),
         tiles.stride(0),
         out.stride(0), out.stride(1),
+        *p_strides, *l_strides,
         GROUP=heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
+        NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out

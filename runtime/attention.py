@@ -130,6 +130,7 @@ class TritonMetadata:
     num_decodes: int  # the first num_decodes sequences have one new token each
     tiles: torch.Tensor | None  # (2, num_tiles) int32: the extend kernel's work over the rest; None: no extends
     num_splits: int  # context splits of the decode kernel
+    extend_splits: int = 1  # key slices per tile of the extend kernel
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -139,17 +140,22 @@ class TritonAttentionBackend(AttentionBackend):
     from the device, and a CUDA graph can hold `forward` with metadata in persistent buffers
     (the extend kernel's grid is its tile table's width, padding tiles inert)."""
 
-    def __init__(self, num_kv_heads: int, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    def __init__(self, num_kv_heads: int, device: torch.device, dtype: torch.dtype, head_dim: int,
+                 num_heads: int) -> None:
         from kernels import cache_ops, paged_attention
 
         self.cache_ops = cache_ops
         self.attn = paged_attention
         self.num_kv_heads = num_kv_heads
+        self.num_heads = num_heads
         self.block_m = paged_attention.prefill_block_m(dtype, head_dim)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def splits_for(self, num_decodes: int) -> int:
         return self.attn.decode_splits(num_decodes, self.num_kv_heads, self.num_sms)
+
+    def extend_splits_for(self, num_tiles: int) -> int:
+        return self.attn.prefill_splits(num_tiles, self.num_heads, self.num_sms)
 
     def build_metadata(self, slices: list[SeqSlice], block_size: int, device: torch.device) -> TritonMetadata:
         num_tokens = sum(s.query_len for s in slices)
@@ -180,6 +186,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_decodes=num_decodes,
             tiles=tiles,
             num_splits=self.splits_for(num_decodes),
+            extend_splits=self.extend_splits_for(tiles.shape[1]) if tiles is not None else 1,
         )
 
     def forward(self, layer, q, k, v, kv_cache, meta: TritonMetadata, rope, positions) -> torch.Tensor:
@@ -197,6 +204,6 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.tiles is not None:
             self.attn.paged_prefill(
                 q, k_cache, v_cache, meta.block_tables[n:], meta.query_start[n:], meta.query_lens[n:],
-                meta.context_lens[n:], meta.tiles, out=out, block_m=self.block_m,
+                meta.context_lens[n:], meta.tiles, out=out, block_m=self.block_m, num_splits=meta.extend_splits,
             )
         return out

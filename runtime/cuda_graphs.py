@@ -161,6 +161,9 @@ class StepGraphs:
             num_decodes=d,
             tiles=self.tiles[:, : self._num_tiles(t)],
             num_splits=self.backend.splits_for(d),
+            # as many key slices as a full bucket of tokens calls for (the table's width holds
+            # padding tiles for the chunks' ragged ends too)
+            extend_splits=self.backend.extend_splits_for(-(-t // self.backend.block_m)),
         )
 
     def _num_tiles(self, t: int) -> int:

@@ -92,7 +92,8 @@ class LLMEngine:
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend='triton' needs CUDA, or TRITON_INTERPRET=1 to run its "
                              "kernels in Triton's interpreter on the CPU (slow: tests only)")
-        backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device, self.kv_cache.data.dtype, mcfg.head_dim)
+        backend = TritonAttentionBackend(mcfg.num_kv_heads, self.device, self.kv_cache.data.dtype, mcfg.head_dim,
+                                         mcfg.num_heads)
         model.ops = TritonOps()
         runner = ModelRunner(model, self.kv_cache, backend, self.device)
         if not self.cfg.enforce_eager:  # (off CUDA: the same path without capture, for tests)

@@ -105,18 +105,25 @@ def test_paged_prefill(dtype, head_dim, heads, kv_heads, page) -> None:
     out = torch.full_like(q, float("nan"))
     block_m = paged_attention.prefill_block_m(dtype, head_dim) if CUDA else 8
     pad = np.empty((2, sum(-(-n // block_m) for n in qlens) + 3), np.int32)  # padding tiles do nothing
-    tiles = torch.from_numpy(paged_attention.prefill_tiles(qlens, ctx, block_m, out=pad))
-    paged_attention.paged_prefill(
-        q, kc, vc, table,
-        torch.tensor(starts, dtype=torch.int32, device=DEV),
-        torch.tensor(qlens, dtype=torch.int32, device=DEV),
-        torch.tensor(ctx, dtype=torch.int32, device=DEV),
-        tiles.to(DEV), out=out, block_m=block_m, block_n=64 if CUDA else 8,
-    )
+    tiles = torch.from_numpy(paged_attention.prefill_tiles(qlens, ctx, block_m, out=pad)).to(DEV)
+    refs = []
     for s, (start, n, c) in enumerate(zip(starts, qlens, ctx)):
         ids = table[s, : -(-c // page)].long()
-        ref = torch_ref.prefill_attention(q[start : start + n].float(), kc.float(), vc.float(), ids, c)
-        _close(out[start : start + n], ref, dtype, f"prefill seq {s} {dtype} hd{head_dim} {heads}/{kv_heads}")
+        refs.append(torch_ref.prefill_attention(q[start : start + n].float(), kc.float(), vc.float(), ids, c))
+    # keys in one slice, or sliced (rows whose position precedes a slice see nothing in it; the
+    # merge's counters are left at zero, so a second call is right too)
+    for splits in (1, 2, 3, 2):
+        out = torch.full_like(q, float("nan"))
+        paged_attention.paged_prefill(
+            q, kc, vc, table,
+            torch.tensor(starts, dtype=torch.int32, device=DEV),
+            torch.tensor(qlens, dtype=torch.int32, device=DEV),
+            torch.tensor(ctx, dtype=torch.int32, device=DEV),
+            tiles, out=out, block_m=block_m, block_n=64 if CUDA else 8, num_splits=splits,
+        )
+        for s, (start, n) in enumerate(zip(starts, qlens)):
+            _close(out[start : start + n], refs[s], dtype,
+                   f"prefill seq {s} {dtype} hd{head_dim} {heads}/{kv_heads} splits {splits}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
