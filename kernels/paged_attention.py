@@ -106,6 +106,38 @@ def _attend_tile(
     return m_new, l, acc
 
 
+@triton.jit
+def _merge_slices(
+    acc, m, l, part_o, part_lse, stride_ps, stride_ls, split, counter, out_ptr, omask, rmask,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Store this slice's normalised output and log-sum-exp of its rows (an empty slice: lse
+    -inf, weight 0 below); then in the last slice of the group to finish (counted at `counter`,
+    kernels.sync) merge every slice's partials in slice order into `out_ptr`, so the result does
+    not depend on which finished last, and set the counter back to zero. Slice 0 must see a key
+    in every row, so the running maximum is finite from it on."""
+    has = l > 0
+    tl.store(part_o + split * stride_ps, tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0), mask=omask)
+    tl.store(part_lse + split * stride_ls, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")),
+             mask=rmask)
+    tl.debug_barrier()
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        m_all = tl.full([ROWS], float("-inf"), tl.float32)
+        w_all = tl.zeros([ROWS], tl.float32)
+        o_all = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        for s in tl.static_range(NUM_SPLITS):  # unrolled: every slice's loads are issued at once
+            lse_s = tl.load(part_lse + s * stride_ls, mask=rmask, other=0.0, cache_modifier=".cg")
+            o_s = tl.load(part_o + s * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_all, lse_s)
+            scale_old = tl.exp2(m_all - m_new)
+            w_s = tl.exp2(lse_s - m_new)
+            w_all = w_all * scale_old + w_s
+            o_all = o_all * scale_old[:, None] + w_s[:, None] * o_s
+            m_all = m_new
+        tl.store(out_ptr, (o_all / w_all[:, None]).to(out_ptr.dtype.element_ty), mask=omask)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
 # ---- decode -----------------------------------------------------------------------------------
 
 @triton.jit
@@ -155,42 +187,15 @@ def _decode_kernel(
             PAGE, BLOCK_N, False, PRECISION, False,
         )
 
+    omask = hmask[:, None] & dmask[None, :]
+    out_ptr = Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if NUM_SPLITS == 1:
-        out = acc / l[:, None]
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+        tl.store(out_ptr, (acc / l[:, None]).to(Out.dtype.element_ty), mask=omask)
     else:
-        # An empty slice (context shorter than the splits) leaves lse = -inf: weight 0 below.
-        has = l > 0
-        out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
-        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
-        omask = hmask[:, None] & dmask[None, :]
-        part_o = PartO + b * stride_pb + heads[:, None] * stride_ph + d[None, :]
-        part_lse = PartLse + b * stride_lb + heads * stride_lh
-        tl.store(part_o + split * stride_ps, out, mask=omask)
-        tl.store(part_lse + split, lse, mask=hmask)
-        # The last of the sequence-head's splits to finish merges them all, in split order
-        # (kernels.sync), so the result does not depend on which finished last.
-        tl.debug_barrier()
-        counter = Count + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
-            w_all = tl.zeros([BLOCK_H], tl.float32)
-            o_all = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            # unrolled, so every split's loads are issued at once (split 0 is never empty, so
-            # m_all is finite from it on)
-            for s in tl.static_range(NUM_SPLITS):
-                lse_s = tl.load(part_lse + s, mask=hmask, other=0.0, cache_modifier=".cg")
-                o_s = tl.load(part_o + s * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_all, lse_s)
-                scale_old = tl.exp2(m_all - m_new)
-                w_s = tl.exp2(lse_s - m_new)
-                w_all = w_all * scale_old + w_s
-                o_all = o_all * scale_old[:, None] + w_s[:, None] * o_s
-                m_all = m_new
-            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                     (o_all / w_all[:, None]).to(Out.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        # An empty slice (context shorter than the splits) merges with weight 0.
+        _merge_slices(acc, m, l, PartO + b * stride_pb + heads[:, None] * stride_ph + d[None, :],
+                      PartLse + b * stride_lb + heads * stride_lh, stride_ps, 1, split,
+                      Count + b * tl.num_programs(1) + kvh, out_ptr, omask, hmask, BLOCK_H, BLOCK_D, NUM_SPLITS)
 
 
 def decode_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -314,33 +319,10 @@ def _prefill_kernel(
     if NUM_SPLITS == 1:
         tl.store(out_ptr, (acc / l[:, None]).to(Out.dtype.element_ty), mask=omask)
     else:
-        # As the decode kernel: each slice's normalised output and log-sum-exp go to the
-        # partials, and the last slice of the (tile, head) to finish merges them in slice order.
-        # Slice 0 holds key 0, which every row sees, so no row is empty in all of them.
-        has = l > 0
-        part_o = PartO + (qstart + mi)[:, None] * stride_pt + h * stride_ph + d[None, :]
-        part_lse = PartLse + (qstart + mi) * stride_lt + h
-        tl.store(part_o + split * stride_ps, tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0),
-                 mask=omask)
-        tl.store(part_lse + split * stride_ls, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")),
-                 mask=mmask)
-        tl.debug_barrier()
-        counter = Count + tile * tl.num_programs(0) + h
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            w_all = tl.zeros([BLOCK_M], tl.float32)
-            o_all = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for sp in tl.static_range(NUM_SPLITS):
-                lse_s = tl.load(part_lse + sp * stride_ls, mask=mmask, other=0.0, cache_modifier=".cg")
-                o_s = tl.load(part_o + sp * stride_ps, mask=omask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_all, lse_s)
-                scale_old = tl.exp2(m_all - m_new)
-                w_s = tl.exp2(lse_s - m_new)
-                w_all = w_all * scale_old + w_s
-                o_all = o_all * scale_old[:, None] + w_s[:, None] * o_s
-                m_all = m_new
-            tl.store(out_ptr, (o_all / w_all[:, None]).to(Out.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        # Slice 0 holds key 0, which every row sees.
+        _merge_slices(acc, m, l, PartO + (qstart + mi)[:, None] * stride_pt + h * stride_ph + d[None, :],
+                      PartLse + (qstart + mi) * stride_lt + h, stride_ps, stride_ls, split,
+                      Count + tile * tl.num_programs(0) + h, out_ptr, omask, mmask, BLOCK_M, BLOCK_D, NUM_SPLITS)
 
 
 def prefill_splits(num_tiles: int, heads: int, num_sms: int) -> int:
