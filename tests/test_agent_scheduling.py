@@ -45,20 +45,23 @@ def test_tool_return_turn_gets_its_first_token_before_fresh_requests(tiny_llama_
 
 @pytest.mark.parametrize("aging_s, bounded", [(0.05, True), (1e9, False)])
 def test_aging_bounds_the_wait_of_a_low_class(tiny_llama_dir: Path, aging_s: float, bounded: bool) -> None:
-    engine = LLM(str(tiny_llama_dir), max_num_seqs=1, aging_s=aging_s).engine
+    # (no host tier: first touches of its slab's pages would only add noise to the timing)
+    engine = LLM(str(tiny_llama_dir), max_num_seqs=1, aging_s=aging_s, host_cache_gib=0).engine
     short = SamplingParams(max_tokens=2, ignore_eos=True)
     engine.add_request(_rand(10, 0), short, priority=0)
     low = engine.add_request(_rand(10, 1), short, priority=2)
     t0 = time.monotonic()
     seed = 2
-    while time.monotonic() - t0 < 0.6 and low.num_output_tokens == 0:
+    while time.monotonic() - t0 < 1.0 and low.num_output_tokens == 0:
         # A steady stream of tool-return turns, one more every step.
         engine.add_request(_rand(10, seed), short, priority=0)
         seed += 1
         engine.step()
     if bounded:
         waited = time.monotonic() - t0
-        assert low.num_output_tokens > 0 and waited < 2 * aging_s + 0.25, f"waited {waited:.3f}s"
+        # (typically 0.1-0.15 s; the slack is for a loaded machine, still well inside the 1 s
+        # that the unbounded case must starve it for)
+        assert low.num_output_tokens > 0 and waited < 2 * aging_s + 0.5, f"waited {waited:.3f}s"
     else:
         assert low.num_output_tokens == 0  # without aging the stream starves it: the test can fail
     for rid in list(engine.scheduler.requests):
