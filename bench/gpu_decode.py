@@ -1,7 +1,7 @@
 """Decode step time on one GPU against the floor and transformers, in one process.
 
     python bench/gpu_decode.py [--batches 1,8,32,64,128] [--context 1024] [--steps 48]
-    python bench/gpu_decode.py --batches 1,8,32 --hf-batches "" --pdl off,0,16,32   # launch variants
+    python bench/gpu_decode.py --batches 1,8,32 --hf-batches "" --pdl off,0,8,16,32   # launch variants
 
 A Llama-3-8B-shaped model with dummy bf16 weights. For each batch size: that many distinct random
 1,024-token prompts are prefilled, then `steps` engine steps of pure decode are timed one by one
