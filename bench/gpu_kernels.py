@@ -5,7 +5,8 @@
 Decode attention over one layer of a Llama-3-8B-shaped paged cache (32 query heads, 8 KV heads,
 head_dim 128, block 16, context 1,024) for each batch size and several tile configurations;
 prefill attention at 8 x 1,024 tokens; an extend of a few hundred tokens over a long cached
-context with its keys in 1, 2 and 4 slices per tile (and the count Ember picks); block gather/scatter of 2 MiB blocks. Bytes counted are the
+context with its keys in 1, 2 and 4 slices per tile (and the count Ember picks), and in several
+tile shapes; block gather/scatter of 2 MiB blocks. Bytes counted are the
 K/V (or blocks) read and written. Prints a table, writes bench/results/gpu_kernels.json.
 """
 from __future__ import annotations
@@ -105,6 +106,23 @@ def main() -> None:
                          "us": ms * 1e3, "tflops": flops / (ms / 1e3) / 1e12})
             print(f"extend {new} over {prefix}: splits {splits}{' (picked)' if splits == picked else ''} "
                   f"{ms * 1e3:8.1f} us {flops / (ms / 1e3) / 1e12:6.0f} TFLOP/s", flush=True)
+        if prefix != 4096:
+            continue
+        # tile shapes for a tool's output over a 4k context (the default: 64 x 64, 4 warps, 2 stages)
+        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+            t = torch.from_numpy(paged_attention.prefill_tiles([new], [ctx], bm)).cuda()
+            try:
+                ms = graph_time_ms(lambda: paged_attention.paged_prefill(
+                    qx, kc, vc, table, torch.zeros(1, **i32), torch.full((1,), new, **i32),
+                    torch.full((1,), ctx, **i32), t, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                    num_splits=paged_attention.prefill_splits(t.shape[1], HEADS, sms)))
+            except Exception as e:  # a tile too large for shared memory
+                print(f"extend {new} over {prefix} {bm}x{bn} w{warps} s{stages}: {type(e).__name__}")
+                continue
+            rows.append({"kernel": "extend_tiles", "prefix": prefix, "new": new, "block_m": bm, "block_n": bn,
+                         "warps": warps, "stages": stages, "us": ms * 1e3, "tflops": flops / (ms / 1e3) / 1e12})
+            print(f"extend {new} over {prefix} {bm}x{bn} w{warps} s{stages}: {ms * 1e3:8.1f} us "
+                  f"{flops / (ms / 1e3) / 1e12:6.0f} TFLOP/s", flush=True)
 
     cache = torch.randn(600, 32, 2, PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")  # 2 MiB blocks
     ids = torch.randperm(600, device="cuda")[:256]

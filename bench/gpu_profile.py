@@ -87,15 +87,20 @@ def drain(engine: LLMEngine) -> None:
 
 
 def kernel_times(graphs: StepGraphs, shape: tuple[int, int]) -> dict[str, Any]:
-    """GPU time per kernel of the forward of one graph shape, run eagerly over its inputs."""
+    """GPU time per kernel of the forward of one graph shape, run eagerly over its inputs. A
+    kernel launched as a dependent (kernels.pdl) starts before its predecessor ends and waits, so
+    each kernel is charged from the later of its start and the previous kernel's end: the
+    charges partition the stream's busy time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         with torch.inference_mode():
             graphs._forward(*shape)
         torch.cuda.synchronize()
     kernels: dict[str, float] = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:60]] += e.device_time_total
+    prev_end = float("-inf")
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        kernels[e.name[:60]] += max(0.0, e.time_range.end - max(e.time_range.start, prev_end))
+        prev_end = max(prev_end, e.time_range.end)
     return {"kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:20]),
             "kernels_total_us": sum(kernels.values())}
 

@@ -259,7 +259,7 @@ def paged_decode(
 @triton.jit
 def _prefill_kernel(
     Q, K, V, BlockTables, QueryStart, QueryLen, ContextLens, Tiles, Out, PartO, PartLse, Count,
-    scale_log2,
+    scale_log2, min_slice,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -275,7 +275,8 @@ def _prefill_kernel(
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
     # One program: one query head, one tile of the tile table = BLOCK_M new tokens of one
-    # sequence, one of NUM_SPLITS slices of the keys it sees. New token i sits at absolute
+    # sequence, one of NUM_SPLITS slices of the keys it sees (each at least min_slice keys, a
+    # multiple of BLOCK_N: slices past the tile's keys are empty). New token i sits at absolute
     # position prefix + i and attends to every key at or before it (cached or new). A tile of
     # sequence -1 is padding (a graph's fixed grid).
     h = tl.program_id(0)
@@ -305,10 +306,20 @@ def _prefill_kernel(
     table = BlockTables + seq * stride_bt
     # Keys past the last row's position are never seen by this tile.
     end = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
-    per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_slice)
     start = split * per_split
     end = tl.minimum(start + per_split, end)
-    for n0 in range(start, end, BLOCK_N):
+    # Every row sees every key before the tile's first position: those key blocks skip the
+    # causal mask (most of the keys, for a short extend over a long prefix). Slice bounds are
+    # multiples of BLOCK_N, so the first loop's blocks are whole.
+    mid = tl.maximum(start, tl.minimum(end, (prefix + mb * BLOCK_M) // BLOCK_N * BLOCK_N))
+    for n0 in range(start, mid, BLOCK_N):
+        m, l, acc = _attend_tile(
+            q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
+            PAGE, BLOCK_N, False, PRECISION, False,
+        )
+    for n0 in range(mid, end, BLOCK_N):
         m, l, acc = _attend_tile(
             q, m, l, acc, K, V, table, n0, end, qpos, kvh, d, dmask,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
@@ -325,12 +336,17 @@ def _prefill_kernel(
                       Count + tile * tl.num_programs(0) + h, out_ptr, omask, mmask, BLOCK_M, BLOCK_D, NUM_SPLITS)
 
 
+EXTEND_SPLITS = (1, 4)  # the slice counts `prefill_splits` picks from (a warm-up compiles each)
+MIN_SLICE_KEYS = 1024  # below this many keys a slice's merge costs more than its parallelism saves
+
+
 def prefill_splits(num_tiles: int, heads: int, num_sms: int) -> int:
-    """Slices of the keys per extend tile: two when the tiles' programs give under two per
-    multiprocessor (a few hundred tokens extending a long cached prefix, as a tool's output
-    does, would otherwise leave most of the card idle), else one. More slices would add more
-    partial traffic than they save."""
-    return 2 if 0 < num_tiles * heads < 2 * num_sms else 1
+    """Slices of the keys per extend tile: four when the tiles' programs do not fill the
+    multiprocessors once (a hundred-odd tokens extending a long cached prefix would leave most
+    of the card idle), else one. Measured on an H200 (bench/gpu_kernels.py): 128 tokens over 8k
+    keys run 2.7x faster in four slices; at 300 tokens (160 programs on 132 SMs) one and four
+    tie and two lose to both; at 640 four gain 7%, not worth a second graph variant per bucket."""
+    return EXTEND_SPLITS[-1] if 0 < num_tiles * heads <= num_sms else 1
 
 
 def prefill_block_m(dtype: torch.dtype, head_dim: int) -> int:
@@ -380,11 +396,12 @@ def paged_prefill(
     num_warps: int = 4,
     num_stages: int = 2,
     num_splits: int = 1,
+    min_slice: int = MIN_SLICE_KEYS,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
-    The grid is the tile table's width (times `num_splits` slices of each tile's keys, merged by
-    the last slice to finish), so a CUDA graph can hold a launch whose sequences and lengths
-    change between replays (padding tiles do nothing). Launches no host sync."""
+    The grid is the tile table's width (times `num_splits` slices of each tile's keys, each of at
+    least `min_slice` keys, merged by the last slice to finish), so a CUDA graph can hold a
+    launch whose sequences and lengths change between replays (padding tiles do nothing). Launches no host sync."""
     out = _check_q_out(q, k_cache, v_cache, out, "num_tokens")
     num_seqs = block_tables.shape[0]
     _check_index("block_tables", block_tables, 2, num_seqs)
@@ -392,8 +409,8 @@ def paged_prefill(
         _check_index(name, t, 1, num_seqs)
     _check_index("tiles", tiles, 2, 2)
     tokens, heads, head_dim = q.shape
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits < 1 or min_slice < 1:
+        raise ValueError(f"num_splits and min_slice must be >= 1, got {num_splits} and {min_slice}")
     if num_seqs == 0 or tiles.shape[1] == 0:
         return out
     block_m = block_m or prefill_block_m(q.dtype, head_dim)
@@ -410,7 +427,7 @@ def paged_prefill(
     _prefill_kernel[(heads, tiles.shape[1], num_splits)](
         q, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, tiles, out,
         part_o, part_lse, count,
-        LOG2E / math.sqrt(head_dim),
+        LOG2E / math.sqrt(head_dim), -(-min_slice // block_n) * block_n,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

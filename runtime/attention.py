@@ -149,6 +149,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_kv_heads = num_kv_heads
         self.num_heads = num_heads
         self.block_m = paged_attention.prefill_block_m(dtype, head_dim)
+        self.extend_split_choices = paged_attention.EXTEND_SPLITS
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def splits_for(self, num_decodes: int) -> int:

@@ -111,10 +111,11 @@ class ModelRunner:
         compile here and not inside a request's step: a mixed step of b decodes and a short
         prefill chunk for every b at which the backend's decode split count changes, with block
         tables of a narrow and a wide width (Triton specialises on an argument's divisibility by
-        16), the chunk's keys in one slice and in two (a long chunk's extend takes one).
+        16), the chunk's keys in each slice count the backend picks from.
         Writes only into the cache's first four blocks: call before any request holds them.
         Returns the forwards run (0 for a backend without variants, or a cache under 4 blocks)."""
         splits_for = getattr(self.backend, "splits_for", None)
+        extend_choices = getattr(self.backend, "extend_split_choices", (1,))
         bs = self.kv_cache.block_size
         if splits_for is None or self.kv_cache.num_blocks < 4:
             return 0
@@ -131,7 +132,7 @@ class ModelRunner:
                 ids = torch.zeros(b + chunk, dtype=torch.int64, device=self.device)
                 pos = torch.tensor([bs] * b + list(range((width - 2) * bs, width * bs)), device=self.device)
                 meta = self.backend.build_metadata(slices, bs, self.device)
-                for extend_splits in (1, 2) if b == 1 else (meta.extend_splits,):
+                for extend_splits in extend_choices if b == 1 else (meta.extend_splits,):
                     hidden = self.model(ids, pos, self.backend, self.kv_cache,
                                         replace(meta, extend_splits=extend_splits))  # (b + chunk, hidden)
                     self.model.compute_logits(hidden[-1:]).float().argmax(dim=-1)

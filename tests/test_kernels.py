@@ -111,15 +111,16 @@ def test_paged_prefill(dtype, head_dim, heads, kv_heads, page) -> None:
         ids = table[s, : -(-c // page)].long()
         refs.append(torch_ref.prefill_attention(q[start : start + n].float(), kc.float(), vc.float(), ids, c))
     # keys in one slice, or sliced (rows whose position precedes a slice see nothing in it; the
-    # merge's counters are left at zero, so a second call is right too)
-    for splits in (1, 2, 3, 2):
+    # merge's counters are left at zero, so a second call is right too); at the default minimum
+    # slice length the tiny shapes' later slices are empty
+    for splits, min_slice in ((1, 1), (2, 1), (3, 1), (2, 1), (4, paged_attention.MIN_SLICE_KEYS)):
         out = torch.full_like(q, float("nan"))
         paged_attention.paged_prefill(
             q, kc, vc, table,
             torch.tensor(starts, dtype=torch.int32, device=DEV),
             torch.tensor(qlens, dtype=torch.int32, device=DEV),
             torch.tensor(ctx, dtype=torch.int32, device=DEV),
-            tiles, out=out, block_m=block_m, block_n=64 if CUDA else 8, num_splits=splits,
+            tiles, out=out, block_m=block_m, block_n=64 if CUDA else 8, num_splits=splits, min_slice=min_slice,
         )
         for s, (start, n) in enumerate(zip(starts, qlens)):
             _close(out[start : start + n], refs[s], dtype,
