@@ -36,10 +36,14 @@ class WorkingSetAdmission:
     fit are the longest head of that order whose tokens sum to at most `capacity_tokens` (the
     first session always fits)."""
 
-    def __init__(self, capacity_tokens: int) -> None:
+    def __init__(self, capacity_tokens: int, keep_live: bool = False) -> None:
         if capacity_tokens <= 0:
             raise ValueError(f"capacity_tokens must be positive, got {capacity_tokens}")
         self.capacity_tokens = capacity_tokens
+        # With keep_live, the bound applies to sessions starting only: a live session's turns
+        # always start, even after earlier sessions' growth pushed it out of the fitting head
+        # (its turns would otherwise wait, with its context on the card, until they finish).
+        self.keep_live = keep_live
         self._live: dict[str, _Live] = {}
         # The fitting head and the live total, recomputed after any change (a step asks about
         # many queued turns; each answer is then O(1)).
@@ -54,12 +58,12 @@ class WorkingSetAdmission:
 
     def admits(self, session_id: str, tokens: int, now: float) -> bool:
         """Whether a turn of `session_id` may start: a live session if it is in the fitting head
-        (by the size of its last turn), another if `tokens` more fit after every live session.
-        Counts a refusal in `num_held`."""
+        (by the size of its last turn) or `keep_live` is set, another if `tokens` more fit after
+        every live session. Counts a refusal in `num_held`."""
         self._refresh(now)
         assert self._fitting is not None
         if session_id in self._live:
-            ok = session_id in self._fitting
+            ok = self.keep_live or session_id in self._fitting
         else:
             ok = self._total == 0 or self._total + tokens <= self.capacity_tokens
         self.num_held += not ok

@@ -121,7 +121,7 @@ class Scheduler:
         capacity = int(cfg.working_set_fraction * kv.pool.num_blocks) * kv.block_size
         # The admission also keeps the order sessions started in, which `session_order` uses
         # with or without a bound.
-        self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize)
+        self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize, cfg.working_set_keeps_live)
                           if capacity > 0 or cfg.session_order else None)
 
     # ---- intake --------------------------------------------------------------------------

@@ -281,6 +281,23 @@ def test_working_set_admission_serves_sessions_in_start_order() -> None:
     assert WorkingSetAdmission(10).admits("alone", 10**6, now=0.0), "the order's head always fits"
 
 
+def test_working_set_admission_that_keeps_live_sessions_bounds_new_ones_only() -> None:
+    """With keep_live, a live session pushed out of the fitting head by an earlier one's growth
+    still starts its turns; a new session is held while the live total leaves no room, and
+    starts once a live one goes quiet."""
+    from runtime.admission import WorkingSetAdmission
+
+    ws = WorkingSetAdmission(capacity_tokens=1000, keep_live=True)
+    for sid in ("a", "b", "c"):
+        assert ws.admits(sid, 300, now=0.0)
+        ws.started(sid, 300)
+    ws.finished("a", 600, until=10.0)  # a grows: c would no longer fit behind a and b
+    assert ws.admits("c", 300, now=1.0) and ws.admits("b", 300, now=1.0)
+    assert not ws.admits("d", 50, now=1.0) and ws.num_held == 1
+    ws.finished("b", 300, until=2.0)
+    assert ws.admits("d", 50, now=3.0), "b went quiet: 900 live tokens leave room for 50"
+
+
 def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir: Path) -> None:
     """With the device pool holding two sessions' contexts, a third session's
     first turn waits while the first two are live and other work runs; when one goes quiet it
