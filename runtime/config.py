@@ -172,7 +172,7 @@ class SchedulerConfig:
     # of the device pool; later sessions' turns wait until they fit (runtime.admission). 0 turns
     # it off. On an H200 at 128 agents (bench/agents.py): at c8d9de6, 0.75, 1.0 and 1.5 gave a
     # mean job time of 33.5, 34.2 and 36.8 s and serving every session at once 38.3 s; at
-    # 3c4beea, 0.75 with live sessions kept gave 29.7 s and a tool-return TTFT p50 of 39 ms,
+    # be509a9, 0.75 with live sessions kept gave 29.7 s and a tool-return TTFT p50 of 39 ms,
     # against 30.2-31.1 s and 49 ms at 1.0 without (the mixed steps carry fewer decodes).
     working_set_fraction: float = 0.75
     # The bound holds back new sessions only: a live session's turns always start, whatever
