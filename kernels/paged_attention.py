@@ -401,7 +401,8 @@ def paged_prefill(
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
     The grid is the tile table's width (times `num_splits` slices of each tile's keys, each of at
     least `min_slice` keys, merged by the last slice to finish), so a CUDA graph can hold a
-    launch whose sequences and lengths change between replays (padding tiles do nothing). Launches no host sync."""
+    launch whose sequences and lengths change between replays (padding tiles do nothing).
+    Launches no host sync."""
     out = _check_q_out(q, k_cache, v_cache, out, "num_tokens")
     num_seqs = block_tables.shape[0]
     _check_index("block_tables", block_tables, 2, num_seqs)

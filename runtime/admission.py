@@ -15,7 +15,9 @@ the mean completion time; the engine never idles for it: with nothing running, a
 A session is live from its first admitted turn until it goes quiet: no turn of it is queued or
 running, and the time it was expected back by has passed (a turn that ended without tool calls
 expects nothing). Its size is the token count of its latest turn. The same order ranks turns
-within a priority class (`rank`).
+within a priority class (`rank`). With `keep_live` (the engine's default), only sessions not yet
+live wait for room: a live session's turns start even when earlier sessions' growth has pushed it
+past the capacity, since its context is already held and holding its turn back only delays it.
 """
 from __future__ import annotations
 
