@@ -160,6 +160,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
     max_num_batched_tokens: int = 2048
+    # A step that admits a first-class turn (a tool's return) gives other prompts' chunks only
+    # what is left of this many tokens, so the return's first token does not wait behind a long
+    # chunk of someone else's prompt; 0: the step fills max_num_batched_tokens.
+    first_class_step_tokens: int = 0
     # Priority classes (0: a turn returning from a tool, 1: a continuing turn or plain request,
     # 2: a new session's first turn); every `aging_s` of waiting lifts a request one class.
     aging_s: float = 2.0
@@ -188,6 +192,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.first_class_step_tokens < 0:
+            raise ValueError(f"first_class_step_tokens must be >= 0, got {self.first_class_step_tokens}")
         if self.aging_s <= 0:
             raise ValueError(f"aging_s must be positive, got {self.aging_s}")
         if not 0 <= self.pin_reclaim_fraction <= 1:

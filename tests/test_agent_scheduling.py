@@ -387,3 +387,29 @@ def test_turns_of_the_session_that_started_first_go_first(tiny_llama_dir: Path) 
         while engine.has_unfinished:
             engine.step()
         engine.check_integrity()
+
+
+def test_a_step_admitting_a_tool_return_caps_other_prompts_chunks(tiny_llama_dir: Path) -> None:
+    """With `first_class_step_tokens`, the step that admits a first-class turn gives a long
+    prompt's chunk only what the cap leaves; without it that chunk fills the step's budget. The
+    tokens are the same either way."""
+    results = {}
+    for cap in (0, 24):
+        engine = LLM(str(tiny_llama_dir), max_num_batched_tokens=64, first_class_step_tokens=cap).engine
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        long = engine.add_request(_rand(300, 1), params, priority=2)
+        engine.step()  # its first 64-token chunk
+        assert engine.last_step.num_prefill_tokens == 64
+        tool = engine.add_request(_rand(10, 2), params, priority=0)
+        engine.step()
+        # the tool's 10 tokens, then the long prompt's next chunk: 14 under the cap, else 54
+        assert tool.num_computed_tokens == 10
+        assert long.num_computed_tokens == 64 + (14 if cap else 54)
+        assert engine.last_step.num_prefill_tokens == (24 if cap else 64)
+        engine.step()
+        assert engine.last_step.num_prefill_tokens == 63, "steps without a tool return fill the budget"
+        while engine.has_unfinished:
+            engine.step()
+        results[cap] = [r.output_token_ids for r in (long, tool)]
+        engine.check_integrity()
+    assert results[0] == results[24]
