@@ -58,7 +58,7 @@ def test_kernel_warmup_leaves_the_engine_exact(tiny_llama_dir: Path, tiny_refs) 
     engine = llm.engine
     splits = [engine.runner.backend.splits_for(b) for b in range(1, 3)]  # type: ignore[attr-defined]
     changes = 1 + sum(a != b for a, b in zip(splits, splits[1:]))
-    # two table widths per split count, and at one decode the extend's keys in one and two slices
+    # two table widths per split count, and at one decode the extend's keys in each slice count it picks from
     assert engine.runner.warmup(2) == 2 * (changes + 1)
     if not CUDA:
         assert changes == 2  # (CPU: 8 "SMs", so one and two decodes split differently)
