@@ -152,6 +152,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
     # The texts are made before the clock starts (producing them is the clients' work).
     tasks = {a.idx: f"Task {a.idx}: " + text_of(tok, a.rng, args.start_tokens - 40) for a in agents}
     outputs = {a.idx: [text_of(tok, a.rng, args.tool_tokens) for _ in range(args.turns)] for a in agents}
+    hits0, misses0 = engine.runner.spec_hits, engine.runner.spec_misses
     t0 = time.monotonic()
     for a in agents:
         a.start += t0  # (an offset until now)
@@ -254,6 +255,9 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
         "steps_by_prefill_tokens": {b: {"steps": len(v), "median_ms": statistics.median(v) * 1e3}
                                     for b, v in sorted(buckets.items())},
         "mean_seqs_per_step": statistics.mean(x[1] for x in trace) if trace else 0.0,
+        # steps launched before the previous step's tokens reached the host: used / dropped
+        "steps_launched_ahead": [engine.runner.spec_hits - hits0, engine.runner.spec_misses - misses0],
+        "jct_s": sorted(round(x, 3) for x in jct),
         "trace": [[round(v, 5) for v in x] for x in trace],
     }
     if mv is not None:
@@ -302,6 +306,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=None, metavar="N:CONFIGS",
                     help="agent counts with their configurations, one loaded model for all (say "
                          "128:ember,no_priority 64:ember,stateless); instead of --agents/--configs")
+    ap.add_argument("--graph-tokens", default="", help="prefill rows of the mixed-step graphs (default: the engine's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.preset == "gpu":  # the reference workload, unless a flag given on the command line says otherwise
@@ -316,7 +321,7 @@ def main() -> None:
         load_format=args.load_format, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
         host_cache_gib=args.host_cache_gib, pin_default_ttl_s=args.idle_pin_s, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens, redis_url=url,
-        write_policy="write_back" if url else None)
+        write_policy="write_back" if url else None, graph_tokens=tuple(int(t) for t in args.graph_tokens.split(",") if t))
     if args.kv_cache_gib is not None:
         kw["kv_cache_gib"] = args.kv_cache_gib
     else:

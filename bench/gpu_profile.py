@@ -5,6 +5,7 @@ context of CTX tokens while one prompt of T new tokens extends a cached prefix o
 agent's tool return; P = 0: a first turn).
 
     python bench/gpu_profile.py [--batches 1,8,64,128] [--context 1024] [--mixed 48:4096:300:4096]
+                                [--graph-tokens 128,256,320,384,...]
 
 Prints tables, writes bench/results/gpu_profile.json.
 """
@@ -33,13 +34,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64,128")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--mixed", default="", help="D:CTX:T:P,... mixed steps to profile")
+    ap.add_argument("--graph-tokens", default="", help="prefill rows of the mixed-step graphs (default: the engine's)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")] if args.batches else []
     mixed = [tuple(int(x) for x in m.split(":")) for m in args.mixed.split(",") if m]
     longest = max([args.context] + [max(m[1], m[2] + m[3]) for m in mixed])
     llm = LLM(str(LLAMA3_8B), load_format="dummy", device="cuda", dtype="bfloat16",
               max_num_seqs=max(batches + [m[0] + 1 for m in mixed]),
-              max_model_len=longest + 512, max_num_batched_tokens=16384, kv_cache_gib=48.0)
+              max_model_len=longest + 512, max_num_batched_tokens=16384, kv_cache_gib=48.0,
+              graph_tokens=tuple(int(t) for t in args.graph_tokens.split(",") if t))
     engine = llm.engine
     graphs = engine.runner.graphs
     assert graphs is not None

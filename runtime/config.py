@@ -160,10 +160,6 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
     max_num_batched_tokens: int = 2048
-    # A step that admits a first-class turn (a tool's return) gives other prompts' chunks only
-    # what is left of this many tokens, so the return's first token does not wait behind a long
-    # chunk of someone else's prompt; 0: the step fills max_num_batched_tokens.
-    first_class_step_tokens: int = 0
     # Priority classes (0: a turn returning from a tool, 1: a continuing turn or plain request,
     # 2: a new session's first turn); every `aging_s` of waiting lifts a request one class.
     aging_s: float = 2.0
@@ -192,8 +188,6 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
-        if self.first_class_step_tokens < 0:
-            raise ValueError(f"first_class_step_tokens must be >= 0, got {self.first_class_step_tokens}")
         if self.aging_s <= 0:
             raise ValueError(f"aging_s must be positive, got {self.aging_s}")
         if not 0 <= self.pin_reclaim_fraction <= 1:
@@ -214,6 +208,9 @@ class EngineConfig:
     # "auto": Triton kernels on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs (every step eager)
+    # Prefill rows of the captured mixed-step graphs (a step pads to the smallest that holds it);
+    # empty: runtime.cuda_graphs.MIXED_TOKENS. Finer sizes pad less and take longer to capture.
+    graph_tokens: tuple[int, ...] = ()
     seed: int = 0
     max_model_len: int | None = None  # defaults to the model's
     cache_dir: Path = Path.home() / ".cache" / "ember"
@@ -230,6 +227,8 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        if any(t < 1 for t in self.graph_tokens):
+            raise ValueError(f"graph_tokens must be positive, got {self.graph_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         self.cache.validate()

@@ -99,9 +99,10 @@ class LLMEngine:
         if not self.cfg.enforce_eager:  # (off CUDA: the same path without capture, for tests)
             sched = self.cfg.scheduler
             max_blocks = -(-self.max_model_len // self.cfg.cache.block_size)
+            tokens = self.cfg.graph_tokens or MIXED_TOKENS
             runner.graphs = StepGraphs(
                 model, self.kv_cache, backend, sched.max_num_seqs, max_blocks, self.device,
-                max_tokens=min(sched.max_num_batched_tokens, MIXED_TOKENS[-1]),
+                max_tokens=min(sched.max_num_batched_tokens, max(tokens)), mixed_tokens=tokens,
             )
             t0 = time.perf_counter()
             runner.graphs.capture()

@@ -26,11 +26,12 @@ def _plain_greedy(req: Request) -> bool:
 
 @dataclass(slots=True)
 class _Launched:
-    """A graph decode step on its way through the GPU."""
+    """A graph decode step on its way through the GPU, or a mixed step's sampled tokens (no
+    `batch`): what a step launched after it is fed from."""
     key: tuple[tuple[str, int], ...]  # (request id, position) of each row
     logits: torch.Tensor  # (n, vocab_size): the graph's output buffer, valid until the next replay
     tokens: torch.Tensor | None  # (n,) the argmax on the device, when every row is plain greedy
-    batch: DecodeBatch  # the host inputs it was launched from
+    batch: DecodeBatch | None  # the host inputs it was launched from (None: a mixed step's)
     width: int  # block-table columns in use
     host_tokens: torch.Tensor | None = None  # (n,) pinned: the tokens' copy, queued right behind them
     ready: Any = None  # a CUDA event recorded after that copy
@@ -154,7 +155,7 @@ class ModelRunner:
                 return self._execute_graphed(out.chunks, launch_ahead)
             batch = self.graphs.mixed_batch(nd, [c.num_tokens for c in out.chunks[nd:]])
             if batch is not None:
-                return self._execute_mixed(out.chunks, nd, batch)
+                return self._execute_mixed(out.chunks, nd, batch, launch_ahead)
 
         ids: list[int] = []
         positions: list[int] = []
@@ -182,7 +183,12 @@ class ModelRunner:
         runs that step while the host applies this one's results and schedules the next."""
         key = tuple((c.request.request_id, c.start) for c in chunks)
         spec, self._spec = self._spec, None
-        if spec is not None and spec.key == key:
+        if spec is not None and (spec.key == key or sorted(spec.key) == sorted(key)):
+            # The same rows, perhaps in another order (a step launched after a mixed step has
+            # its prefill rows last): the launched order is the one its rows were filled in.
+            if spec.key != key:
+                by_id = {c.request.request_id: c for c in chunks}
+                chunks = [by_id[rid] for rid, _ in spec.key]
             launched = spec
             self.spec_hits += 1
         else:
@@ -194,14 +200,19 @@ class ModelRunner:
                 return RunnerOutput(sampled={})
             rows = launched.logits if len(sampling) == len(chunks) else launched.logits[sampling]
             return self._sample(rows.float(), [chunks[i].request for i in sampling])
-        if launch_ahead and self.reserve is not None and all(
-            c.request.num_output_tokens + 1 < c.request.params.max_tokens
-            and c.request.num_tokens + 1 < c.request.max_total_tokens
-            for c in chunks
-        ):
+        if launch_ahead and self._may_launch_after(chunks):
             self._spec = self._speculate(launched, chunks)
         tokens = launched.read_tokens()  # the step's one synchronisation
         return RunnerOutput(sampled={c.request.request_id: t for c, t in zip(chunks, tokens)})
+
+    def _may_launch_after(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether the decode step after this one may be launched before this one's tokens reach
+        the host: every row samples, and none reaches its token limit with this step's token."""
+        return self.reserve is not None and all(
+            c.samples and c.request.num_output_tokens + 1 < c.request.params.max_tokens
+            and c.request.num_tokens + 1 < c.request.max_total_tokens
+            for c in chunks
+        )
 
     def _fill_decodes(self, batch: DecodeBatch | MixedBatch, chunks: list[ScheduledChunk]) -> int:
         """Write decode chunk i into row i of a graph step's host inputs; returns the widest
@@ -219,8 +230,10 @@ class ModelRunner:
             width = max(width, nblocks)
         return width
 
-    def _execute_mixed(self, chunks: list[ScheduledChunk], nd: int, batch: MixedBatch) -> RunnerOutput:
-        """Decodes and prefill chunks in one replay of a mixed-step graph (see StepGraphs)."""
+    def _execute_mixed(self, chunks: list[ScheduledChunk], nd: int, batch: MixedBatch, launch_ahead: bool) -> RunnerOutput:
+        """Decodes and prefill chunks in one replay of a mixed-step graph (see StepGraphs). With
+        `launch_ahead`, a greedy step whose every chunk samples (decodes, and prompts it
+        completes) also launches the decode step of the same sequences after it (`_speculate`)."""
         assert self.graphs is not None
         bs = self.kv_cache.block_size
         d = batch.num_decodes
@@ -246,10 +259,15 @@ class ModelRunner:
             return RunnerOutput(sampled={})
         reqs = [c.request for c in chunks if c.samples]
         rows = torch.tensor(sampling, device=self.device)
-        if all(_plain_greedy(r) for r in reqs):
-            tokens = logits.index_select(0, rows).argmax(dim=-1).tolist()
-            return RunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
-        return self._sample(logits.index_select(0, rows).float(), reqs)
+        if not all(_plain_greedy(r) for r in reqs):
+            return self._sample(logits.index_select(0, rows).float(), reqs)
+        picked = logits.index_select(0, rows)  # (sampled, vocab_size)
+        # (the argmax and its copy to the host are queued before any step launched after this one)
+        done = _Launched(tuple((c.request.request_id, c.start) for c in chunks), picked,
+                         picked.argmax(dim=-1), None, 0)
+        if launch_ahead and self._may_launch_after(chunks):
+            self._spec = self._speculate(done, chunks)
+        return RunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, done.read_tokens())})
 
     def _launch(self, chunks: list[ScheduledChunk], key: tuple[tuple[str, int], ...]) -> _Launched:
         assert self.graphs is not None
@@ -266,11 +284,14 @@ class ModelRunner:
         device. It is used only if the scheduler asks for exactly that step (same sequences,
         next positions); otherwise it is dropped. Dropping is safe: it wrote only the KV of
         each sequence's next position (the token `prev` sampled), which any later step
-        rewrites identically or, for a finished sequence, never reads."""
+        rewrites identically or, for a finished sequence, never reads. After a mixed step
+        (`prev.batch` None) each row's inputs are built from its chunk."""
         assert self.graphs is not None and self.reserve is not None and prev.tokens is not None
         bs = self.kv_cache.block_size
         n = len(chunks)
         last = prev.batch
+        if last is None:
+            return self._speculate_after_mixed(prev, chunks)
         batch = self.graphs.host_batch(n)
         np.add(last.positions, 1, out=batch.positions)
         np.add(last.context_lens, 1, out=batch.context_lens)
@@ -288,6 +309,28 @@ class ModelRunner:
         self.num_forward_passes += 1
         logits = self.graphs.run(n, width, input_ids=prev.tokens)
         key = tuple((rid, pos + 1) for rid, pos in prev.key)
+        return _Launched(key, logits, logits.argmax(dim=-1), batch, width)
+
+    def _speculate_after_mixed(self, prev: _Launched, chunks: list[ScheduledChunk]) -> _Launched | None:
+        assert self.graphs is not None and self.reserve is not None
+        if len(chunks) > self.graphs.max_batch:
+            return None
+        bs = self.kv_cache.block_size
+        batch = self.graphs.host_batch(len(chunks))
+        width = 0
+        for i, c in enumerate(chunks):
+            pos = c.start + c.num_tokens  # where the token this step sampled goes
+            ids = c.block_ids if pos // bs < len(c.block_ids) else self.reserve(c.request, pos + 1)
+            if ids is None:
+                return None
+            nblocks = pos // bs + 1
+            batch.positions[i], batch.context_lens[i] = pos, pos + 1
+            batch.slots[i] = ids[pos // bs] * bs + pos % bs
+            batch.block_tables[i, :nblocks] = ids[:nblocks]
+            width = max(width, nblocks)
+        self.num_forward_passes += 1
+        logits = self.graphs.run(len(chunks), width, input_ids=prev.tokens)
+        key = tuple((c.request.request_id, c.start + c.num_tokens) for c in chunks)
         return _Launched(key, logits, logits.argmax(dim=-1), batch, width)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> RunnerOutput:

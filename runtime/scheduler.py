@@ -179,12 +179,7 @@ class Scheduler:
         budget = self._run_pass(out, self.cfg.max_num_batched_tokens, decodes=True)
         if budget is not None and not decodes_only:
             if not out.preempted:
-                before = len(out.chunks)
                 budget = self._admit(out, budget, now, first_class_only=True)
-                cap = self.cfg.first_class_step_tokens
-                if cap and budget is not None and len(out.chunks) > before:
-                    # a tool's return starts here: other prompts get only what the cap leaves
-                    budget = min(budget, max(0, cap - sum(c.num_tokens for c in out.chunks)))
             budget = self._run_pass(out, budget, decodes=False)
             if budget is not None and not out.preempted:
                 budget = self._admit(out, budget, now)

@@ -389,27 +389,38 @@ def test_turns_of_the_session_that_started_first_go_first(tiny_llama_dir: Path) 
         engine.check_integrity()
 
 
-def test_a_step_admitting_a_tool_return_caps_other_prompts_chunks(tiny_llama_dir: Path) -> None:
-    """With `first_class_step_tokens`, the step that admits a first-class turn gives a long
-    prompt's chunk only what the cap leaves; without it that chunk fills the step's budget. The
-    tokens are the same either way."""
+def test_a_decode_step_is_launched_after_a_mixed_step(tiny_llama_dir: Path) -> None:
+    """A mixed step whose every chunk samples (a decode, and a tool's return whose prompt it
+    completes) launches the decode step after it. The return's session started first, so the
+    scheduler lists its row before the other session's while the launched step has it last:
+    the launched step is used all the same, and the tokens are eager mode's."""
     results = {}
-    for cap in (0, 24):
-        engine = LLM(str(tiny_llama_dir), max_num_batched_tokens=64, first_class_step_tokens=cap).engine
-        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        long = engine.add_request(_rand(300, 1), params, priority=2)
-        engine.step()  # its first 64-token chunk
-        assert engine.last_step.num_prefill_tokens == 64
-        tool = engine.add_request(_rand(10, 2), params, priority=0)
-        engine.step()
-        # the tool's 10 tokens, then the long prompt's next chunk: 14 under the cap, else 54
-        assert tool.num_computed_tokens == 10
-        assert long.num_computed_tokens == 64 + (14 if cap else 54)
-        assert engine.last_step.num_prefill_tokens == (24 if cap else 64)
-        engine.step()
-        assert engine.last_step.num_prefill_tokens == 63, "steps without a tool return fill the budget"
+    for eager in (False, True):
+        engine = LLM(str(tiny_llama_dir), attention_backend="triton", num_blocks=64, block_size=4,
+                     host_cache_gib=0, pin_default_ttl_s=60.0, max_num_seqs=4, enforce_eager=eager).engine
+        runner = engine.runner
+        short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        task = _rand(20, 1)
+        first = _run(engine, engine.add_request(task, short, session_id="a", priority=2))
+        busy = engine.add_request(_rand(12, 2), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                                  session_id="b", priority=2)
+        for _ in range(4):
+            engine.step()
+        back = engine.add_request(task + first.token_ids + _rand(6, 3), short, session_id="a", priority=0)
+        admission = engine.scheduler.admission
+        assert admission is not None and admission.rank("a") < admission.rank("b")
+        if not eager:
+            engine.step()  # the decode step launched before the return arrived
+            assert runner.graphs is not None
+            mixed, hits = runner.graphs.mixed_replays, runner.spec_hits
+        engine.step()  # busy's decode and back's prompt, in one mixed step
+        assert back.num_output_tokens == 1
+        if not eager:
+            assert runner.graphs.mixed_replays == mixed + 1 and runner.launched_ahead
+            engine.step()
+            assert runner.spec_hits == hits + 1 and back.num_output_tokens == 2
         while engine.has_unfinished:
             engine.step()
-        results[cap] = [r.output_token_ids for r in (long, tool)]
+        results[eager] = [r.output_token_ids for r in (busy, back)]
         engine.check_integrity()
-    assert results[0] == results[24]
+    assert results[False] == results[True]
