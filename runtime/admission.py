@@ -18,6 +18,9 @@ expects nothing). Its size is the token count of its latest turn. The same order
 within a priority class (`rank`). With `keep_live` (the engine's default), only sessions not yet
 live wait for room: a live session's turns start even when earlier sessions' growth has pushed it
 past the capacity, since its context is already held and holding its turn back only delays it.
+Likewise a session that went quiet while a tool of it ran past its expected time (it is away,
+mid-task: its tokens leave the total, so others may start) resumes at its old place when the
+tool returns, rather than queueing as a new session behind every live one.
 """
 from __future__ import annotations
 
@@ -30,13 +33,16 @@ class _Live:
     tokens: int
     until: float  # expected back by; math.inf while a turn is in flight
     rank: int  # its place in the order (smaller: admitted earlier)
+    returns: bool = False  # awaiting a tool: going quiet makes it away, not gone
 
 
 class WorkingSetAdmission:
     """Invariant: live sessions are kept in the order their first turns were admitted (the
-    dict's insertion order) and a session keeps its place while it stays live; the sessions that
-    fit are the longest head of that order whose tokens sum to at most `capacity_tokens` (the
-    first session always fits)."""
+    dict's insertion order is rank order) and a session keeps its place while it stays live or
+    away; the sessions that fit are the longest head of that order whose tokens sum to at most
+    `capacity_tokens` (the first session always fits)."""
+
+    MAX_AWAY = 65536  # away sessions remembered (the oldest are forgotten first: they start anew)
 
     def __init__(self, capacity_tokens: int, keep_live: bool = False) -> None:
         if capacity_tokens <= 0:
@@ -47,6 +53,7 @@ class WorkingSetAdmission:
         # (its turns would otherwise wait, with its context on the card, until they finish).
         self.keep_live = keep_live
         self._live: dict[str, _Live] = {}
+        self._away: dict[str, int] = {}  # with keep_live: session -> rank, of sessions away mid-task
         # The fitting head and the live total, recomputed after any change (a step asks about
         # many queued turns; each answer is then O(1)).
         self._fitting: set[str] | None = None
@@ -66,8 +73,8 @@ class WorkingSetAdmission:
         assert self._fitting is not None
         if session_id in self._live:
             ok = self.keep_live or session_id in self._fitting
-        else:
-            ok = self._total == 0 or self._total + tokens <= self.capacity_tokens
+        else:  # (an away session resumes: only kept with keep_live)
+            ok = session_id in self._away or self._total == 0 or self._total + tokens <= self.capacity_tokens
         self.num_held += not ok
         return ok
 
@@ -76,10 +83,15 @@ class WorkingSetAdmission:
         in flight, `tokens` long."""
         rec = self._live.get(session_id)
         if rec is None:
-            self._live[session_id] = _Live(tokens, math.inf, self._next_rank)
-            self._next_rank += 1
+            rank = self._away.pop(session_id, None)
+            if rank is None:
+                self._live[session_id] = _Live(tokens, math.inf, self._next_rank)
+                self._next_rank += 1
+            else:  # back at its old place
+                self._live[session_id] = _Live(tokens, math.inf, rank)
+                self._live = dict(sorted(self._live.items(), key=lambda kv: kv[1].rank))
         else:
-            rec.tokens, rec.until = tokens, math.inf
+            rec.tokens, rec.until, rec.returns = tokens, math.inf, False
         self._changed()
 
     def queued(self, session_id: str) -> None:
@@ -98,13 +110,16 @@ class WorkingSetAdmission:
             rec.tokens, rec.until = tokens, until
             self._changed()
 
-    def expect(self, session_id: str, until: float) -> None:
+    def expect(self, session_id: str, until: float, returns: bool = False) -> None:
         """The session's owner knows better when it returns (a tool's learned duration), or that
-        it will not soon (`until` in the past). No effect while a turn is in flight."""
+        it will not soon (`until` in the past). `returns`: it awaits a tool, so it will be back
+        even past `until` (it is then away). No effect while a turn is in flight."""
         rec = self._live.get(session_id)
         if rec is not None and rec.until != math.inf:
-            rec.until = until
+            rec.until, rec.returns = until, returns
             self._changed()
+        elif rec is None and not returns:
+            self._away.pop(session_id, None)
 
     def quiet_at(self, now: float) -> float:
         """The first time after `now` at which a live session goes quiet (math.inf: none is
@@ -129,7 +144,11 @@ class WorkingSetAdmission:
         if self._fitting is not None and now == self._at:
             return
         for sid in [sid for sid, r in self._live.items() if r.until <= now]:
-            del self._live[sid]
+            rec = self._live.pop(sid)
+            if rec.returns and self.keep_live:
+                self._away[sid] = rec.rank
+                if len(self._away) > self.MAX_AWAY:
+                    del self._away[next(iter(self._away))]
             self.version += 1
         fitting: set[str] = set()
         used = 0

@@ -133,16 +133,16 @@ class SessionEngine:
             ttl = max(self.tool_stats.ttl(name) for _, name in tool_calls)
             session.transition(SessionState.AWAITING_TOOL)
             self.engine.kv_manager.set_pin_deadline(session.id, now + ttl)
-            self._expect(session.id, now + ttl)
+            self._expect(session.id, now + ttl, returns=True)
         else:
             session.transition(SessionState.IDLE)
             self._expect(session.id, now)  # not expected back soon: its working set leaves the served set
         self.manager.persist(session)
 
-    def _expect(self, session_id: str, until: float) -> None:
+    def _expect(self, session_id: str, until: float, returns: bool = False) -> None:
         admission = self.engine.scheduler.admission
         if admission is not None:
-            admission.expect(session_id, until)
+            admission.expect(session_id, until, returns)
 
     def run_turn(self, session: Session, params: SamplingParams, tool_calls: Sequence[tuple[str, str]] = ()) -> RequestOutput:
         """Run one turn to completion, stepping the engine (other requests progress too)."""

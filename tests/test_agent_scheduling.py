@@ -298,6 +298,33 @@ def test_working_set_admission_that_keeps_live_sessions_bounds_new_ones_only() -
     assert ws.admits("d", 50, now=3.0), "b went quiet: 900 live tokens leave room for 50"
 
 
+def test_a_session_away_past_its_tools_expected_time_resumes_at_its_place() -> None:
+    """With keep_live, a session whose tool runs past its expected time goes quiet: its tokens
+    leave the live total, so a new session may start in the room, and when the tool returns its
+    turn starts at once at its old place instead of waiting as a new session would. A session
+    that ended without tool calls, or any session without keep_live, starts anew."""
+    from runtime.admission import WorkingSetAdmission
+
+    for keep in (True, False):
+        ws = WorkingSetAdmission(capacity_tokens=1000, keep_live=keep)
+        for sid in ("a", "b"):
+            assert ws.admits(sid, 400, now=0.0)
+            ws.started(sid, 400)
+        ws.finished("a", 500, until=1.0)
+        ws.expect("a", until=2.0, returns=True)  # a awaits a tool, expected back by 2.0
+        ws.finished("b", 450, until=1.0)
+        ws.expect("b", until=0.5)  # b is done
+        assert ws.live_tokens(now=3.0) == 0  # the tool runs late: a is away
+        assert ws.admits("c", 900, now=3.0)
+        ws.started("c", 900)
+        assert ws.admits("a", 520, now=3.5) is keep, "a's tool returned: it resumes (with keep_live)"
+        assert not ws.admits("b", 460, now=3.5), "b ended: its next turn is a new session's"
+        if keep:
+            ws.started("a", 520)
+            assert ws.rank("a") < ws.rank("c") and list(ws._live) == ["a", "c"]
+            assert ws.live_tokens(now=3.5) == 1420
+
+
 def test_a_session_outgrowing_the_tiers_waits_for_one_to_go_quiet(tiny_llama_dir: Path) -> None:
     """With the device pool holding two sessions' contexts, a third session's
     first turn waits while the first two are live and other work runs; when one goes quiet it
