@@ -173,8 +173,10 @@ class SchedulerConfig:
     # it off. On an H200 at 128 agents (bench/agents.py): at c8d9de6, 0.75, 1.0 and 1.5 gave a
     # mean job time of 33.5, 34.2 and 36.8 s and serving every session at once 38.3 s; at
     # be509a9, 0.75 with live sessions kept gave 29.7 s and a tool-return TTFT p50 of 39 ms,
-    # against 30.2-31.1 s and 49 ms at 1.0 without (the mixed steps carry fewer decodes).
-    working_set_fraction: float = 0.75
+    # against 30.2-31.1 s and 49 ms at 1.0 without (the mixed steps carry fewer decodes); at
+    # de74ed5 (sessions away mid-tool resume at their place, so the live total overshoots the
+    # bound for a while) 0.65 gave 27.7 s against 29.2-30.4 s at 0.75 (one run).
+    working_set_fraction: float = 0.65
     # The bound holds back new sessions only: a live session's turns always start, whatever
     # the earlier sessions grew to (runtime.admission's keep_live).
     working_set_keeps_live: bool = True
