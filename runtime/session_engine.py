@@ -166,3 +166,4 @@ class SessionEngine:
             self.engine.abort(turn[1].request_id)
         self.manager.close(session)
         self.engine.kv_manager.unpin(session.id, demote=False)
+        self._expect(session.id, 0.0)  # it gives up its place in the served order, live or away

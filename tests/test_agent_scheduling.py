@@ -193,6 +193,36 @@ def test_twenty_turn_session_reuses_its_whole_context() -> None:
     llm.engine.check_integrity()
 
 
+def test_closing_a_session_gives_up_its_place_in_the_served_order() -> None:
+    """A session awaiting a tool is live (or away, once past the tool's expected time) in the
+    working-set admission; closing it takes it out at once: a live one's tokens no longer hold
+    new sessions back, and an away one would no longer resume past the bound."""
+    llm = LLM("smollm2-135m", pin_default_ttl_s=60.0)
+    se = SessionEngine(llm.engine)
+    admission = llm.engine.scheduler.admission
+    assert admission is not None
+    params = SamplingParams(max_tokens=4, temperature=0)
+    sessions = []
+    for i in range(3):
+        s = se.manager.create("tenant")
+        se.append_item(s, {"type": "message", "role": "user", "content": f"Agent {i}: look it up."})
+        se.run_turn(s, params, tool_calls=[(f"call_{i}", "search")])
+        sessions.append(s)
+    stays, live, away = sessions
+    assert admission.rank(stays.id) < admission.rank(live.id) < admission.rank(away.id) < float("inf")
+    admission.expect(away.id, until=0.0, returns=True)  # its tool runs past the expected time
+    now = time.monotonic()
+    assert admission.admits(away.id, 10**9, now), "away: it would resume at its place"
+    assert admission.rank(away.id) == float("inf")  # (out of the live order meanwhile)
+    before = admission.live_tokens(now)
+    se.close(live)
+    se.close(away)
+    now = time.monotonic()
+    assert 0 < admission.live_tokens(now) < before and admission.rank(live.id) == float("inf")
+    assert not admission.admits(away.id, 10**9, now), "closed: a turn of that id is a new session's"
+    llm.engine.check_integrity()
+
+
 @pytest.mark.parametrize("aging_s", [0.05, 1e6])
 def test_aging_lifts_the_pin_reclaim_bound(tiny_llama_dir: Path, aging_s: float) -> None:
     """A fresh request that needs more than the bounded share of pinned blocks waits; once aging
