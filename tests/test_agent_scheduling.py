@@ -459,7 +459,7 @@ def test_a_decode_step_is_launched_after_a_mixed_step(tiny_llama_dir: Path) -> N
         short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         task = _rand(20, 1)
         first = _run(engine, engine.add_request(task, short, session_id="a", priority=2))
-        busy = engine.add_request(_rand(12, 2), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        busy = engine.add_request(_rand(12, 2), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                                   session_id="b", priority=2)
         for _ in range(4):
             engine.step()
