@@ -402,7 +402,7 @@ def test_turns_held_by_the_working_set_leave_decode_steps_launched_ahead(tiny_ll
         short = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         for sid, seed in (("a", 1), ("b", 2)):  # two sessions of 44 tokens each, pinned
             _run(engine, engine.add_request(_rand(40, seed), short, session_id=sid, priority=2))
-        busy = engine.add_request(_rand(12, 3), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        busy = engine.add_request(_rand(12, 3), SamplingParams(max_tokens=22, temperature=0, ignore_eos=True))
         held = engine.add_request(_rand(16, 4), short, session_id="c", priority=2)  # 88 + 16 > 96
         for _ in range(3):
             engine.step()
