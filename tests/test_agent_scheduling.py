@@ -450,7 +450,10 @@ def test_a_decode_step_is_launched_after_a_mixed_step(tiny_llama_dir: Path) -> N
     """A mixed step whose every chunk samples (a decode, and a tool's return whose prompt it
     completes) launches the decode step after it. The return's session started first, so the
     scheduler lists its row before the other session's while the launched step has it last:
-    the launched step is used all the same, and the tokens are eager mode's."""
+    the launched step is used all the same, and the tokens are transformers' and eager mode's."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
     results = {}
     for eager in (False, True):
         engine = LLM(str(tiny_llama_dir), attention_backend="triton", num_blocks=64, block_size=4,
@@ -481,3 +484,5 @@ def test_a_decode_step_is_launched_after_a_mixed_step(tiny_llama_dir: Path) -> N
         results[eager] = [r.output_token_ids for r in (busy, back)]
         engine.check_integrity()
     assert results[False] == results[True]
+    assert results[False] == [reference(hf, r.token_ids[: r.num_prompt_tokens], r.num_output_tokens).tokens
+                              for r in (busy, back)]
