@@ -27,11 +27,15 @@ Reports per configuration: job completion time (mean, p95), time to first token 
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill; and in parts: noticed between steps, queued until admitted, computed until
 the first token), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
+With --profile S:E, an ember run of the largest agent count goes first and stops at E seconds:
+its steps from S to E are profiled on the GPU (bench/timeline.py: kernel time by kind, copies,
+each kind of step's wall against its kernel time), and the summary lands in the JSON's meta.
 Writes bench/results/agents[-<agents>...].json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,6 +57,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:
 
 import torch  # noqa: E402
 
+from bench.timeline import StepWindow  # noqa: E402
 from runtime import LLM, SamplingParams  # noqa: E402
 from runtime.engine import LLMEngine  # noqa: E402
 from runtime.session_engine import SessionEngine  # noqa: E402
@@ -118,9 +123,17 @@ def start_redis(maxmemory_gib: float) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"unix://{sock}"  # beside the engine: a Unix socket beats loopback TCP
 
 
-def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any]:
+def step_kind(prefill_tokens: int) -> str:
+    return "decode" if prefill_tokens == 0 else "mixed<=512" if prefill_tokens <= 512 else \
+        "mixed<=1024" if prefill_tokens <= 1024 else "mixed>1024"
+
+
+def run(engine: LLMEngine, name: str, args: argparse.Namespace,
+        profile: tuple[float, float] | None = None) -> dict[str, Any]:
     """One configuration; `name` may end in ":N" to run it with a per-step budget of N tokens and
-    in "@field=value" scheduler settings."""
+    in "@field=value" scheduler settings. With `profile` (start, end seconds into the run), the
+    GPU's time in that window is profiled (bench/timeline.py), and the run ends there and returns
+    only that summary."""
     head, *settings = name.split("@")
     config, _, budget = head.partition(":")
     sched = engine.cfg.scheduler
@@ -169,8 +182,15 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
 
     started: set[int] = set()
     num_steps = 0
+    window = StepWindow() if profile else None
+    kinds: list[str] = []  # each profiled step's kind (step_kind)
     while any(a.done_at is None for a in agents):
         now = time.monotonic()
+        if window is not None and profile is not None:
+            if not window.active and now - t0 >= profile[0]:
+                window.start()
+            elif window.active and now - t0 >= profile[1]:
+                return {"config": name, "window_s": list(profile), "profile": window.stop(kinds)}
         for a in agents:
             if a.idx not in started and now >= a.start:
                 started.add(a.idx)
@@ -190,9 +210,12 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, Any
                 time.sleep(max(0.0, min(due_at) - time.monotonic()))
             continue
         ts = time.monotonic()
-        outs = engine.step()
+        with window.step() if window is not None else contextlib.nullcontext():
+            outs = engine.step()
         num_steps += 1
         st = engine.last_step
+        if window is not None and window.active:
+            kinds.append(step_kind(st.num_prefill_tokens))
         sc = engine.scheduler
         trace.append((ts - t0, st.num_seqs, st.num_prefill_tokens, st.schedule_s, st.execute_s, st.update_s,
                       len(sc.running), len(sc.waiting), len(sc.loading), engine.kv_manager.pool.num_free,
@@ -307,6 +330,8 @@ def main() -> None:
                     help="agent counts with their configurations, one loaded model for all (say "
                          "128:ember,no_priority 64:ember,stateless); instead of --agents/--configs")
     ap.add_argument("--graph-tokens", default="", help="prefill rows of the mixed-step graphs (default: the engine's)")
+    ap.add_argument("--profile", default="", metavar="S:E",
+                    help="first profile seconds S to E of an ember run of the largest agent count (bench/timeline.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.preset == "gpu":  # the reference workload, unless a flag given on the command line says otherwise
@@ -348,6 +373,11 @@ def main() -> None:
             t1 = time.monotonic()
             run(engine, "ember", warm)
             print(f"warm-up ({warm.agents} agents x 2 turns) took {time.monotonic() - t1:.1f} s", flush=True)
+        if args.profile:
+            lo, _, hi = args.profile.partition(":")
+            most = argparse.Namespace(**{**vars(args), "agents": max(n for n, _ in runs)})
+            meta["profile"] = run(engine, "ember", most, profile=(float(lo), float(hi)))
+            print(json.dumps(meta["profile"], indent=1), flush=True)
         for agents, configs in runs:
             step_args = argparse.Namespace(**{**vars(args), "agents": agents})
             for c in configs:
