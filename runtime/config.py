@@ -175,8 +175,10 @@ class SchedulerConfig:
     # be509a9, 0.75 with live sessions kept gave 29.7 s and a tool-return TTFT p50 of 39 ms,
     # against 30.2-31.1 s and 49 ms at 1.0 without (the mixed steps carry fewer decodes); at
     # de74ed5 (sessions away mid-tool resume at their place, so the live total overshoots the
-    # bound for a while) 0.65 gave 27.7 s against 29.2-30.4 s at 0.75 (one run).
-    working_set_fraction: float = 0.65
+    # bound for a while) 0.65 gave 27.7 s against 29.2-30.4 s at 0.75 (one run); at 1bebcf3,
+    # 0.55 gave 26.9 and 26.5 s (TTFT p50 37-40 ms) against 27.4 and 27.6 s (47-53 ms) at 0.65,
+    # and 16.1 against 16.7 s at 64 agents, each with a p95 1-4 s later (the last cohort starts later).
+    working_set_fraction: float = 0.55
     # The bound holds back new sessions only: a live session's turns always start, whatever
     # the earlier sessions grew to (runtime.admission's keep_live).
     working_set_keeps_live: bool = True
