@@ -21,7 +21,9 @@ from kvstore.hashing import BlockHasher, model_fingerprint, tenant_salt
 from kvstore.mover import TierMover
 from runtime.attention import TorchAttentionBackend, TritonAttentionBackend
 from runtime.config import EngineConfig, ModelConfig, SchedulerConfig
-from runtime.cuda_graphs import MIXED_TOKENS, StepGraphs
+from runtime.cuda_graphs import (
+    INTERPRETED_MIXED_DECODES, INTERPRETED_MIXED_TOKENS, MIXED_DECODES, MIXED_TOKENS, StepGraphs,
+)
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_tiers import build_tiers
 from runtime.metrics import Metrics
@@ -37,6 +39,7 @@ from runtime.scheduler import Scheduler
 log = logging.getLogger("ember.engine")
 
 Prompt = str | Sequence[int]
+_PREFILL_RATES: dict[tuple[str, str, str, int], float] = {}  # see LLMEngine._prefill_rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +71,7 @@ class LLMEngine:
         )
         self.runner = self._make_runner(loaded.model, loaded.config)
         self.runner.grammar_factory = self._grammar_masker
-        self.mover, self.kv_secret = build_tiers(
-            cfg, loaded.config, self.kv_cache, self.fingerprint,
-            lambda: self.runner.profile_prefill(min(256, self.max_model_len - 1)),
-        )
+        self.mover, self.kv_secret = build_tiers(cfg, loaded.config, self.kv_cache, self.fingerprint, self._prefill_rate)
         self._built_mover = self.mover  # the tiers as built, for `reset`
         self.kv_manager = KVCacheManager(num_blocks, bs, cfg.cache.enable_prefix_caching, self.mover)
         if self.runner.graphs is not None:
@@ -99,10 +99,12 @@ class LLMEngine:
         if not self.cfg.enforce_eager:  # (off CUDA: the same path without capture, for tests)
             sched = self.cfg.scheduler
             max_blocks = -(-self.max_model_len // self.cfg.cache.block_size)
-            tokens = self.cfg.graph_tokens or MIXED_TOKENS
+            cuda = self.device.type == "cuda"
+            tokens = self.cfg.graph_tokens or (MIXED_TOKENS if cuda else INTERPRETED_MIXED_TOKENS)
             runner.graphs = StepGraphs(
                 model, self.kv_cache, backend, sched.max_num_seqs, max_blocks, self.device,
                 max_tokens=min(sched.max_num_batched_tokens, max(tokens)), mixed_tokens=tokens,
+                mixed_decodes=MIXED_DECODES if cuda else INTERPRETED_MIXED_DECODES,
             )
             t0 = time.perf_counter()
             runner.graphs.capture()
@@ -112,6 +114,16 @@ class LLMEngine:
             n = runner.warmup(self.cfg.scheduler.max_num_seqs)
             log.info("compiled the eager path's kernels in %d forwards, %.1f s", n, time.perf_counter() - t0)
         return runner
+
+    def _prefill_rate(self) -> float:
+        """Prefill tokens/s for the tiers' cost model, from one forward at start; measured once a
+        process per model, backend and device (engines rebuilt on the same weights, as policy
+        comparisons and tests do, reuse it; the cost model refines it from the steps it sees)."""
+        n = min(256, self.max_model_len - 1)
+        key = (self.fingerprint, self.cfg.backend_name, str(self.device), n)
+        if key not in _PREFILL_RATES:
+            _PREFILL_RATES[key] = self.runner.profile_prefill(n)
+        return _PREFILL_RATES[key]
 
     def _reserve(self, req: Request, num_tokens: int) -> list[int] | None:
         """Grow a running request's block table ahead of the scheduler (for a decode step
