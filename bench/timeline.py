@@ -13,7 +13,9 @@ and the kernels that took the most time. Kernels replayed from CUDA graphs are t
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import math
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -35,8 +37,14 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _covered(merged: list[tuple[float, float]], lo: float, hi: float) -> float:
-    """Length of [lo, hi) covered by disjoint sorted intervals (a linear scan: windows are short)."""
-    return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in merged if e > lo and s < hi)
+    """Length of [lo, hi) covered by disjoint sorted intervals (their ends ascend too, so the
+    first one to reach past lo is found by bisection)."""
+    total = 0.0
+    for s, e in merged[max(0, bisect.bisect_right(merged, (lo, math.inf)) - 1):]:
+        if s >= hi:
+            break
+        total += max(0.0, min(e, hi) - max(s, lo))
+    return total
 
 
 def _kind(kernel: str) -> str:

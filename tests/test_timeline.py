@@ -13,6 +13,9 @@ def test_union_merges_overlaps_and_covered_clips_to_the_window() -> None:
     assert _covered(merged, 0.0, 11.0) == 3.0 + 3.0 + 1.0
     assert _covered(merged, 2.0, 6.0) == 1.0 + 1.0
     assert _covered(merged, 3.0, 5.0) == 0.0
+    assert _covered(merged, -5.0, 1.0) == 1.0  # from before the first interval
+    assert _covered(merged, 7.5, 20.0) == 0.5 + 1.0
+    assert _covered([], 0.0, 1.0) == 0.0
 
 
 def test_a_window_counts_each_kind_of_step() -> None:
