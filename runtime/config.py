@@ -177,7 +177,8 @@ class SchedulerConfig:
     # de74ed5 (sessions away mid-tool resume at their place, so the live total overshoots the
     # bound for a while) 0.65 gave 27.7 s against 29.2-30.4 s at 0.75 (one run); at 1bebcf3,
     # 0.55 gave 26.9 and 26.5 s (TTFT p50 37-40 ms) against 27.4 and 27.6 s (47-53 ms) at 0.65,
-    # and 16.1 against 16.7 s at 64 agents, each with a p95 1-4 s later (the last cohort starts later).
+    # and 16.1 against 16.7 s at 64 agents, each with a p95 1-4 s later (the last cohort starts later);
+    # at 1ec1bc7, 0.45 and 0.5 gave 28.0 and 27.3 s against 26.5 s at 0.55 (one process).
     working_set_fraction: float = 0.55
     # The bound holds back new sessions only: a live session's turns always start, whatever
     # the earlier sessions grew to (runtime.admission's keep_live).
