@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/ember serve
 
 test: setup
-	$(BIN)/mypy --ignore-missing-imports runtime kvstore sessions tools
+	$(BIN)/mypy --ignore-missing-imports --explicit-package-bases runtime kvstore sessions tools kernels bench examples
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -221,9 +221,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
                       len(sc.running), len(sc.waiting), len(sc.loading), engine.kv_manager.pool.num_free,
                       engine.kv_manager.num_pins))
         for out in outs:
-            a = by_request.get(out.request_id)
-            if a is None:
+            owner = by_request.get(out.request_id)
+            if owner is None:
                 continue
+            a = owner
             now = time.monotonic()
             if not a.got_first and out.token_ids:
                 a.got_first = True
@@ -286,13 +287,13 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
     if mv is not None:
         mv.synchronize()
         mv.flush()
-        st = mv.stats
-        res["bytes_loaded"] = dict(st.loaded_bytes or {})
-        res["load_GBps"] = {k: (st.loaded_bytes or {})[k] / s / 1e9 for k, s in (st.load_seconds or {}).items() if s > 0}
-        res["bytes_to_host"] = (st.offloaded_to_host + st.demoted_to_host) * mv.block_bytes
-        res["bytes_to_redis"] = st.written_to_redis * mv.block_bytes
-        res["redis_writes_dropped"] = st.writes_dropped
-        res["redis_fetches"] = st.fetches
+        ms = mv.stats
+        res["bytes_loaded"] = dict(ms.loaded_bytes or {})
+        res["load_GBps"] = {k: (ms.loaded_bytes or {})[k] / s / 1e9 for k, s in (ms.load_seconds or {}).items() if s > 0}
+        res["bytes_to_host"] = (ms.offloaded_to_host + ms.demoted_to_host) * mv.block_bytes
+        res["bytes_to_redis"] = ms.written_to_redis * mv.block_bytes
+        res["redis_writes_dropped"] = ms.writes_dropped
+        res["redis_fetches"] = ms.fetches
     return res
 
 

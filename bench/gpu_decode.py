@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -159,7 +160,7 @@ def main() -> None:
         print(f"wrote {path}")
         return
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in batches:
         times = ember_steps(llm, b, args.context, args.steps, seed=b)
         ms = statistics.median(times) * 1e3

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ctx = 1024
     kc, vc = paged_cache(128 * ctx)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in (1, 8, 32, 64, 128):
         perm = torch.randperm(kc.shape[0], device="cuda")[: batch * ctx // PAGE].to(torch.int32)
         tables = perm.view(batch, ctx // PAGE)
@@ -46,7 +47,7 @@ def main() -> None:
         out = torch.empty_like(q)
         kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
         default = paged_attention.decode_splits(batch, KV_HEADS, sms)
-        best = None
+        best: dict[str, Any] | None = None
         for splits, block_n, warps, stages in itertools.product(
             sorted({1, 4, 8, 16, default}), (32, 64, 128), (4,), (2, 3)
         ):
@@ -55,12 +56,13 @@ def main() -> None:
             ms = graph_time_ms(lambda: paged_attention.paged_decode(
                 q, kc, vc, tables, lens, num_splits=splits, out=out, block_n=block_n, num_warps=warps,
                 num_stages=stages))
-            row = {"kernel": "decode", "batch": batch, "splits": splits, "block_n": block_n, "warps": warps,
+            row: dict[str, Any] = {"kernel": "decode", "batch": batch, "splits": splits, "block_n": block_n, "warps": warps,
                    "stages": stages, "us": ms * 1e3, "of_copy_bw": kv_bytes / (ms / 1e3) / bw,
                    "default": (splits, block_n, warps, stages) == (default, 64, 4, 2)}
             rows.append(row)
             if best is None or row["us"] < best["us"]:
                 best = row
+        assert best is not None
         dflt = next(r for r in rows if r["batch"] == batch and r["default"])
         print(f"decode b{batch:3d}: default {dflt['us']:7.1f} us ({dflt['of_copy_bw']:.0%} of copy bw); best "
               f"{best['us']:7.1f} us ({best['of_copy_bw']:.0%}) at splits {best['splits']} block_n {best['block_n']} "
@@ -70,7 +72,7 @@ def main() -> None:
     perm = torch.randperm(kc.shape[0], device="cuda")[: seqs * n // PAGE].to(torch.int32)
     tables = perm.view(seqs, n // PAGE)
     q = torch.randn(seqs * n, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    i32 = dict(dtype=torch.int32, device="cuda")
+    i32: dict[str, Any] = dict(dtype=torch.int32, device="cuda")
     starts = torch.arange(0, seqs * n, n, **i32)
     lens = torch.full((seqs,), n, **i32)
     attn_flops = seqs * 4 * HEADS * HEAD_DIM * n * (n + 1) / 2

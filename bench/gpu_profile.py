@@ -70,7 +70,7 @@ def main() -> None:
             phases["update"].append(t3 - t2)
         size = graphs.sizes[next(i for i, s in enumerate(graphs.sizes) if s >= b)]
         replay_ms = cuda_time_ms(graphs.graphs[(size, 0)].replay, iters=20)
-        row = {"batch": b, "graph_size": size, "replay_ms": replay_ms,
+        row: dict[str, Any] = {"batch": b, "graph_size": size, "replay_ms": replay_ms,
                **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in phases.items()}}
         row.update(kernel_times(graphs, (size, 0)))
         report.append(row)

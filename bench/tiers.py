@@ -203,7 +203,9 @@ def main() -> None:
             print(f"{L:>6} tokens {nbytes / 2**20:8.1f} MiB  recompute {'' if measured else '>'}{recompute_s:8.4f}s  "
                   f"host {host_s:7.4f}s ({row['host_GBps']:.2f} GB/s{of_pinned})  "
                   f"redis {redis_s:7.4f}s ({row['redis_GBps']:.2f} GB/s; put {row['redis_put_GBps']:.2f})", flush=True)
-        sweep = redis_sweep(url, mover.redis.fmt, cuda) if args.redis_sweep else []
+        redis_tier = engine.mover.redis if engine.mover is not None else None
+        assert redis_tier is not None
+        sweep = redis_sweep(url, redis_tier.fmt, cuda) if args.redis_sweep else []
         # From the crossover on, the restore beats recompute at every longer context measured.
         cross = {t: next((r["tokens"] for i, r in enumerate(rows)
                           if all(x[f"{t}_s"] < x["recompute_s"] for x in rows[i:])), None) for t in ("host", "redis")}
