@@ -81,9 +81,15 @@ class StepWindow:
         self._prof.stop()
         self.active = False
         events = self._prof.events()
-        steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == STEP)
-        # (a step's record_function also shows on the GPU's timeline, as an annotation: not work)
-        gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != STEP]
+        # A step's record_function shows twice: its host range, and an annotation on the GPU's
+        # timeline (one per stream it touched). The host ranges are the steps; the annotations
+        # are neither steps nor work.
+        cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+        steps = sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.name == STEP and e.device_type == cpu)
+        gpu = [e for e in events if e.device_type == cuda and e.name != STEP]
+        if len(steps) != len(kinds):
+            raise ValueError(f"{len(steps)} steps profiled but {len(kinds)} kinds given")
         copies: dict[str, list[tuple[float, float]]] = defaultdict(list)
         kernels: list[tuple[float, float]] = []
         by_name: dict[str, float] = defaultdict(float)

@@ -2,6 +2,7 @@
 steps on the CPU (no GPU events: the per-kind step counts and wall times still add up)."""
 import time
 
+import pytest
 import torch
 
 from bench.timeline import StepWindow, _covered, _union
@@ -35,3 +36,9 @@ def test_a_window_counts_each_kind_of_step() -> None:
     assert by_kind["decode"]["steps"] == 3 and by_kind["mixed<=512"]["steps"] == 2
     assert by_kind["decode"]["wall_ms"] >= 3 * 2.0 and by_kind["mixed<=512"]["wall_ms"] >= 2 * 2.0
     assert summary["window_ms"] >= sum(k["wall_ms"] for k in by_kind.values())
+    assert summary["between_steps_ms"] >= 0
+    window.start()
+    with window.step():
+        pass
+    with pytest.raises(ValueError, match="1 steps profiled but 2 kinds"):
+        window.stop(["decode", "decode"])
