@@ -158,7 +158,9 @@ class TierConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    # Per-step token budget: decodes take one each, prefills are chunked to fit the rest.
+    # Per-step token budget: decodes take one each, prefills are chunked to fit the rest. On an H200
+    # at 128 agents (bench/agents.py, 0148c57, one process) 1,024 lost 0.6-1.3 s of mean job time
+    # to 2,048 (first turns take two steps) for a 20-30% lower tool-return TTFT p95.
     max_num_batched_tokens: int = 2048
     # Priority classes (0: a turn returning from a tool, 1: a continuing turn or plain request,
     # 2: a new session's first turn); every `aging_s` of waiting lifts a request one class.
@@ -178,7 +180,8 @@ class SchedulerConfig:
     # bound for a while) 0.65 gave 27.7 s against 29.2-30.4 s at 0.75 (one run); at 1bebcf3,
     # 0.55 gave 26.9 and 26.5 s (TTFT p50 37-40 ms) against 27.4 and 27.6 s (47-53 ms) at 0.65,
     # and 16.1 against 16.7 s at 64 agents, each with a p95 1-4 s later (the last cohort starts later);
-    # at 1ec1bc7, 0.45 and 0.5 gave 28.0 and 27.3 s against 26.5 s at 0.55 (one process).
+    # at 1ec1bc7, 0.45 and 0.5 gave 28.0 and 27.3 s against 26.5 s at 0.55 (one process); at
+    # 0148c57, 256 agents: 49.8 s at 0.55 against 50.1 s at 0.65 (one process).
     working_set_fraction: float = 0.55
     # The bound holds back new sessions only: a live session's turns always start, whatever
     # the earlier sessions grew to (runtime.admission's keep_live).
