@@ -20,6 +20,11 @@ Configurations (one engine, `LLMEngine.reset` between them):
   whole conversation is re-sent each turn and only the device prefix cache can help;
 - no_admission (not run by default): ember without working-set admission (every session is
   served at once, however far the working set outgrows the tiers).
+no_pinning takes away both uses of a tool's learned duration: the pin, and the admission's
+expectation of when the session is back (with it zeroed, a session awaiting its tool leaves the
+live total at once). Two more configurations, not run by default, take away one each:
+- pins_off: pins lapse at once; the admission still expects the session back at the tool's time;
+- quiet_at_tool: pins hold as in ember; the admission counts the session quiet (away) at once.
 
 A name may end in ":N" (say ember:1024) to run with a per-step token budget of N, and in scheduler
 settings "@field=value" (say ember@working_set_fraction=0.5@session_order=0).
@@ -65,6 +70,7 @@ from sessions.session import Session  # noqa: E402
 from sessions.tool_stats import ToolStats  # noqa: E402
 
 CONFIGS = ("ember", "no_pinning", "no_priority", "no_host", "stateless")
+EXTRA_CONFIGS = ("no_admission", "pins_off", "quiet_at_tool")  # named in --runs/--configs only
 TOOL = "run_tool"
 WORDS = ["file", "line", "error", "passed", "match", "def", "return", "value", "path", "test", "class", "import"]
 GPU_PRESET = dict(model="bench/configs/llama-3-8b.json", load_format="dummy", tokenizer="smollm2-135m",
@@ -144,7 +150,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         kind = type(getattr(sched, key))  # an unknown field raises here
         sched = replace(sched, **{key: bool(int(value)) if kind is bool else kind(value)})
     stats = ToolStats(cap_s=args.tool_cap_s)
-    if config not in CONFIGS + ("no_admission",):
+    if config not in CONFIGS + EXTRA_CONFIGS:
         raise ValueError(f"unknown configuration {config!r}")
     if config == "no_admission":
         sched = replace(sched, working_set_fraction=0.0)
@@ -172,7 +178,8 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
     by_request: dict[str, Agent] = {}
     # Per step: start, seqs, prefill tokens, schedule/execute/update s, then after the step the
-    # requests running / waiting / loading, free device blocks and pinned sessions.
+    # requests running / waiting / loading, free device blocks, pinned sessions and the tokens of
+    # the sessions the admission counts live (0 without admission).
     trace: list[tuple[float, ...]] = []
 
     def start_turn(a: Agent, since: float) -> None:
@@ -219,7 +226,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         sc = engine.scheduler
         trace.append((ts - t0, st.num_seqs, st.num_prefill_tokens, st.schedule_s, st.execute_s, st.update_s,
                       len(sc.running), len(sc.waiting), len(sc.loading), engine.kv_manager.pool.num_free,
-                      engine.kv_manager.num_pins))
+                      engine.kv_manager.num_pins, sc.admission.live_tokens(time.monotonic()) if sc.admission else 0))
         for out in outs:
             owner = by_request.get(out.request_id)
             if owner is None:
@@ -245,6 +252,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
                 duration = min(args.tool_cap_s, a.rng.lognormvariate(args.tool_mu, args.tool_sigma)) * args.tool_scale
                 a.call = (f"call_{a.idx}_{a.turns_left}", TOOL)
                 se.finish_turn(a.session, out, [a.call])
+                if config == "pins_off":  # the pin lapses at the next step, the expectation stays
+                    engine.kv_manager.set_pin_deadline(a.session.id, now)
+                elif config == "quiet_at_tool" and engine.scheduler.admission is not None:
+                    engine.scheduler.admission.expect(a.session.id, now, returns=True)
                 a.tool_due = now + duration
     wall = time.monotonic() - t0
     jct = [a.done_at - a.start for a in agents if a.done_at is not None]
