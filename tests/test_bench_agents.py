@@ -19,8 +19,10 @@ def engine():
 
 
 def workload() -> argparse.Namespace:
-    # Tools of a fixed 0.4 s (sigma 0): the learned pin TTL, 1.25x the 90th percentile, is
-    # longer than every call, so nothing but the configuration makes a pin lapse.
+    # Tools of a fixed 0.4 s (sigma 0): the learned pin TTL, 1.25x the 90th percentile, outlasts
+    # every call, so in ember a pin lapses, if at all, only after its session is back (during the
+    # next turn, whose running request holds the blocks); in pins_off each lapses during its tool.
+    # Agents start up to 0.6 s apart, so some steps run while other agents wait on their tools.
     return argparse.Namespace(agents=AGENTS, turns=TURNS, start_tokens=96, decode_tokens=4, tool_tokens=24,
                               tool_mu=math.log(0.4), tool_sigma=0.0, tool_scale=1.0, tool_cap_s=10.0,
                               stagger_s=0.6, seed=0)
