@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from bench.agents import run
+from bench.agents import jct_bound, run
 from runtime.llm import LLM
 
 AGENTS, TURNS = 3, 3
@@ -38,6 +38,9 @@ def test_pins_off_and_quiet_at_tool_each_take_away_one_use_of_the_tools_time(eng
     quiet = run(engine, "quiet_at_tool", workload())
     for r in (ember, pins_off, quiet):
         assert len(r["jct_s"]) == AGENTS  # every agent finished every turn
+    # The floor: at least the chain of the agent with the longest tools (0.8 s of them), at
+    # most what was measured.
+    assert 0.8 < ember["jct_bound_s"] <= ember["jct_mean_s"]
     tool_calls = AGENTS * (TURNS - 1)
     # pins_off: each tool call's pin lapses at the next step (unless reclaimed first).
     assert pins_off["pin_expiries"] + pins_off["pin_reclaims"] >= tool_calls
@@ -53,3 +56,11 @@ def test_pins_off_and_quiet_at_tool_each_take_away_one_use_of_the_tools_time(eng
 def test_an_unknown_configuration_is_refused(engine) -> None:
     with pytest.raises(ValueError, match="unknown configuration 'no_such'"):
         run(engine, "no_such", workload())
+
+
+def test_the_jct_floor_pairs_the_shortest_chains_with_the_first_shares_of_work() -> None:
+    # 6 s of work for 3 agents: the k-th to finish waits for 2k s of it, or for its own chain
+    assert jct_bound([1.0, 2.0, 3.0], 6.0, 0.0) == pytest.approx((2 + 4 + 6) / 3)
+    assert jct_bound([5.0, 1.0, 9.0], 6.0, 0.0) == pytest.approx((2 + 5 + 9) / 3)  # sorted: 1, 5, 9
+    assert jct_bound([1.0, 2.0, 3.0], 6.0, 1.0) == pytest.approx((1 + 3 + 5) / 3)  # less the latest start
+    assert jct_bound([4.0, 4.0], 0.0, 0.0) == 4.0  # no work: the chains alone
