@@ -31,7 +31,8 @@ settings "@field=value" (say ember@working_set_fraction=0.5@session_order=0).
 Reports per configuration: job completion time (mean, p95), time to first token of turns that
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill; and in parts: noticed between steps, queued until admitted, computed until
-the first token), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions.
+the first token), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions,
+and a floor under the mean job completion time for the run's own executing time (`jct_bound`).
 With --profile S:E, an ember run of the largest agent count goes first and stops at E seconds:
 its steps from S to E are profiled on the GPU (bench/timeline.py: kernel time by kind, copies,
 each kind of step's wall against its kernel time), and the summary lands in the JSON's meta.
@@ -105,14 +106,20 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)]
 
 
-def jct_bound(chains: list[float], work_s: float, stagger_s: float) -> float:
+def jct_bound(chains: list[float], work_s: float, stagger_s: float, blind: bool = False) -> float:
     """A floor under the mean job completion time of any order of serving these agents, given
     the card's executing time `work_s` split evenly among them: the k-th agent to finish needs
     its own chain, and k shares of the work done (less the latest start, `stagger_s`). The
-    shortest chains go first (pairing sorted with sorted minimises the sum of maxima). A policy
-    that executes less (bigger batches) has a lower floor: it bounds the order, not the work."""
+    shortest chains go first (pairing sorted with sorted minimises the sum of maxima). With
+    `blind`, the same for an order that cannot see the chains (the tools' durations): the
+    expectation over orders drawn at random, where each place holds each chain with chance 1/n.
+    A policy that executes less (bigger batches) has a lower floor: it bounds the order, not
+    the work."""
     n = len(chains)
-    return sum(max(t, k * work_s / n - stagger_s) for k, t in enumerate(sorted(chains), 1)) / n
+    shares = [k * work_s / n - stagger_s for k in range(1, n + 1)]
+    if blind:
+        return sum(max(t, c) for c in shares for t in chains) / (n * n)
+    return sum(max(t, c) for t, c in zip(sorted(chains), shares)) / n
 
 
 def text_of(tok: Any, rng: random.Random, tokens: int) -> str:
@@ -291,6 +298,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         "tool_ttft_p50_s": pct(ttft, 0.5), "tool_ttft_p95_s": pct(ttft, 0.95),
         "decode_step_s": decode_step,
         "jct_bound_s": jct_bound(chains, executing, args.stagger_s),
+        "jct_blind_bound_s": jct_bound(chains, executing, args.stagger_s, blind=True),
         "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
         "tool_ttft_parts_p50_s": {k: pct([p[i] for a in agents for p in a.ttft_parts], 0.5)
                                   for i, k in enumerate(("noticed", "queued", "computed"))},
@@ -416,7 +424,7 @@ def main() -> None:
                 print(f"{agents:4d} {c:12} JCT {r['jct_mean_s']:.2f}/{r['jct_p95_s']:.2f} s  TTFT {r['tool_ttft_p50_s']:.3f}/"
                       f"{r['tool_ttft_p95_s']:.3f} s ({r['tool_ttft_p50_steps']:.1f}/{r['tool_ttft_p95_steps']:.1f} steps of "
                       f"{r['decode_step_s'] * 1e3:.1f} ms)  hit {r['prefix_hit_ratio']:.2f}  wall {r['wall_s']:.1f} s  "
-                      f"JCT floor {r['jct_bound_s']:.2f} s", flush=True)
+                      f"JCT floor {r['jct_bound_s']:.2f} s (blind {r['jct_blind_bound_s']:.2f} s)", flush=True)
                 parts = "  ".join(f"{k} {r['tool_ttft_parts_p50_s'][k] * 1e3:.1f}/{r['tool_ttft_parts_p95_s'][k] * 1e3:.0f} ms"
                                   for k in r["tool_ttft_parts_p50_s"])
                 print(f"{'':17} TTFT parts p50/p95: {parts}", flush=True)

@@ -21,12 +21,6 @@ past the capacity, since its context is already held and holding its turn back o
 Likewise a session that went quiet while a tool of it ran past its expected time (it is away,
 mid-task: its tokens leave the total, so others may start) resumes at its old place when the
 tool returns, rather than queueing as a new session behind every live one.
-
-Holding a session back pays only while others wait behind it. With `last_call_tokens`, once
-every session waiting to start fits behind the live ones within that many tokens, none is held:
-they all start. At the end of a burst the last sessions to start would otherwise each run their
-own chain of turns and tool calls after the others finished, in steps of a few sequences each,
-when the card could have carried them beside the others.
 """
 from __future__ import annotations
 
@@ -46,28 +40,20 @@ class WorkingSetAdmission:
     """Invariant: live sessions are kept in the order their first turns were admitted (the
     dict's insertion order is rank order) and a session keeps its place while it stays live or
     away; the sessions that fit are the longest head of that order whose tokens sum to at most
-    `capacity_tokens` (the first session always fits). A session is pending (a turn queued, not
-    yet started) only while it is neither live nor away, and `_pending_total` is the sum of the
-    pending turns' tokens."""
+    `capacity_tokens` (the first session always fits)."""
 
     MAX_AWAY = 65536  # away sessions remembered (the oldest are forgotten first: they start anew)
 
-    def __init__(self, capacity_tokens: int, keep_live: bool = False, last_call_tokens: int = 0) -> None:
+    def __init__(self, capacity_tokens: int, keep_live: bool = False) -> None:
         if capacity_tokens <= 0:
             raise ValueError(f"capacity_tokens must be positive, got {capacity_tokens}")
-        if last_call_tokens < 0:
-            raise ValueError(f"last_call_tokens must be >= 0, got {last_call_tokens}")
         self.capacity_tokens = capacity_tokens
-        self.last_call_tokens = last_call_tokens  # 0: off
         # With keep_live, the bound applies to sessions starting only: a live session's turns
         # always start, even after earlier sessions' growth pushed it out of the fitting head
         # (its turns would otherwise wait, with its context on the card, until they finish).
         self.keep_live = keep_live
         self._live: dict[str, _Live] = {}
         self._away: dict[str, int] = {}  # with keep_live: session -> rank, of sessions away mid-task
-        # Sessions neither live nor away with a turn queued -> that turn's tokens, and their sum.
-        self._pending: dict[str, int] = {}
-        self._pending_total = 0
         # The fitting head and the live total, recomputed after any change (a step asks about
         # many queued turns; each answer is then O(1)).
         self._fitting: set[str] | None = None
@@ -82,15 +68,13 @@ class WorkingSetAdmission:
     def admits(self, session_id: str, tokens: int, now: float) -> bool:
         """Whether a turn of `session_id` may start: a live session if it is in the fitting head
         (by the size of its last turn) or `keep_live` is set, another if `tokens` more fit after
-        every live session, or (last call) every session waiting to start does within
-        `last_call_tokens`. Counts a refusal in `num_held`."""
+        every live session. Counts a refusal in `num_held`."""
         self._refresh(now)
         assert self._fitting is not None
         if session_id in self._live:
             ok = self.keep_live or session_id in self._fitting
         else:  # (an away session resumes: only kept with keep_live)
-            ok = (session_id in self._away or self._total == 0 or self._total + tokens <= self.capacity_tokens
-                  or self._total + self._pending_total <= self.last_call_tokens)
+            ok = session_id in self._away or self._total == 0 or self._total + tokens <= self.capacity_tokens
         self.num_held += not ok
         return ok
 
@@ -98,7 +82,6 @@ class WorkingSetAdmission:
         """A turn of the session was admitted: it is live (at the order's end if it was not),
         in flight, `tokens` long."""
         rec = self._live.get(session_id)
-        self._unpend(session_id)
         if rec is None:
             rank = self._away.pop(session_id, None)
             if rank is None:
@@ -111,28 +94,18 @@ class WorkingSetAdmission:
             rec.tokens, rec.until, rec.returns = tokens, math.inf, False
         self._changed()
 
-    def queued(self, session_id: str, tokens: int) -> None:
-        """A turn of the session, `tokens` long, was queued: a live session stays live (in its
-        place) while it waits, however long the queue; another waits to start."""
+    def queued(self, session_id: str) -> None:
+        """A turn of the session was queued: a live session stays live (in its place) while it
+        waits, however long the queue."""
         rec = self._live.get(session_id)
         if rec is not None:
             rec.until = math.inf
-        elif session_id not in self._away:
-            self._unpend(session_id)
-            self._pending[session_id] = tokens
-            self._pending_total += tokens
-        self._changed()
-
-    def _unpend(self, session_id: str) -> None:
-        self._pending_total -= self._pending.pop(session_id, 0)
+            self._changed()
 
     def finished(self, session_id: str, tokens: int, until: float) -> None:
-        """A turn of the session ended (or was dropped before it started) with the session
-        `tokens` long; it is expected back by `until` (a time already past: not expected)."""
+        """A turn of the session ended with the session `tokens` long; it is expected back by
+        `until` (a time already past: not expected)."""
         rec = self._live.get(session_id)
-        if session_id in self._pending:
-            self._unpend(session_id)
-            self._changed()
         if rec is not None:
             rec.tokens, rec.until = tokens, until
             self._changed()

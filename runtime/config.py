@@ -186,13 +186,6 @@ class SchedulerConfig:
     # The bound holds back new sessions only: a live session's turns always start, whatever
     # the earlier sessions grew to (runtime.admission's keep_live).
     working_set_keeps_live: bool = True
-    # Last call: once every session waiting to start fits behind the live ones within this
-    # multiple of the device pool, none is held (runtime.admission); 0 turns it off. It trades
-    # the mean for the tail: on an H200 at 128 agents (bench/agents.py, one process each) 1.0
-    # gave a mean job time of 27.3-30.3 s and a p95 of 41.1-44.2 s against 27.4-31.0 and
-    # 45.7-49.4 s off, 0.8 27.3-28.2 and 42.9-46.0 s; at 64 agents 0.8 cost 1.2 s of the mean
-    # for 3 s of the p95. Off by default: the mean, the reference workload's target, does not move.
-    working_set_last_call: float = 0.0
     # Within a class, turns of sessions that started earlier go first and are preempted last (the
     # order runtime.admission keeps), so sessions finish in the order they came instead of all
     # sharing the card and all finishing late; off: turns go in their own arrival order.
@@ -209,8 +202,6 @@ class SchedulerConfig:
             raise ValueError(f"pin_reclaim_fraction must be in [0, 1], got {self.pin_reclaim_fraction}")
         if not 0 <= self.working_set_fraction <= 4:
             raise ValueError(f"working_set_fraction must be in [0, 4], got {self.working_set_fraction}")
-        if not 0 <= self.working_set_last_call <= 4:
-            raise ValueError(f"working_set_last_call must be in [0, 4], got {self.working_set_last_call}")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ Policy (one step):
    worse class when a host tier holds the victim's blocks (it comes back with a restore).
    Sessions are served in the order they started while their contexts fit the device pool
    (runtime.admission): a turn of a session that does not fit behind the earlier ones waits,
-   unless nothing is running or (with `working_set_last_call`) every session waiting to start
-   fits.
+   unless nothing is running.
 4. A request whose prefix may continue in Redis is first sent to LOADING: its blocks are fetched
    off the engine thread while the batch keeps running, and it returns to the head of the queue
    when they arrive (or when `load_timeout_s` passes, to recompute instead).
@@ -120,11 +119,9 @@ class Scheduler:
         self._held: tuple[int, int] | None = None
         self._held_until = 0.0
         capacity = int(cfg.working_set_fraction * kv.pool.num_blocks) * kv.block_size
-        last_call = int(cfg.working_set_last_call * kv.pool.num_blocks) * kv.block_size
         # The admission also keeps the order sessions started in, which `session_order` uses
         # with or without a bound.
-        self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize, cfg.working_set_keeps_live,
-                                              last_call if capacity > 0 else 0)
+        self.admission = (WorkingSetAdmission(capacity if capacity > 0 else sys.maxsize, cfg.working_set_keeps_live)
                           if capacity > 0 or cfg.session_order else None)
 
     # ---- intake --------------------------------------------------------------------------
@@ -134,7 +131,7 @@ class Scheduler:
         self.waiting.append(req)
         self._intake += 1
         if self.admission is not None and req.session_id is not None:
-            self.admission.queued(req.session_id, req.num_tokens)
+            self.admission.queued(req.session_id)
 
     def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         """End a request from outside the token loop (abort, stop string). Unknown ids are ignored:

@@ -304,7 +304,7 @@ def test_working_set_admission_serves_sessions_in_start_order() -> None:
     ws.started("d", 100)  # d joins the end; c, finishing with 700 tokens, no longer fits before it
     ws.finished("c", 700, until=20.0)
     assert not ws.admits("c", 700, now=5.0) and not ws.admits("d", 100, now=5.0), "no overtaking"
-    ws.queued("c", 700)  # c's next turn waits in the queue past its expected time: it stays live
+    ws.queued("c")  # c's next turn waits in the queue past its expected time: it stays live
     assert ws.live_tokens(now=30.0) == 1250
     ws.finished("c", 700, until=0.0)  # c is done: d moves up
     assert ws.admits("d", 100, now=30.0) and ws.live_tokens(now=30.0) == 550
@@ -326,34 +326,6 @@ def test_working_set_admission_that_keeps_live_sessions_bounds_new_ones_only() -
     assert not ws.admits("d", 50, now=1.0) and ws.num_held == 1
     ws.finished("b", 300, until=2.0)
     assert ws.admits("d", 50, now=3.0), "b went quiet: 900 live tokens leave room for 50"
-
-
-def test_last_call_starts_every_waiting_session_once_they_all_fit() -> None:
-    """With a last-call bound, new sessions are held while those waiting to start outgrow it
-    behind the live ones; once they all fit (a live one went quiet, or a waiting one was dropped),
-    every one of them starts, past the working-set bound. Without it they start one by one."""
-    from runtime.admission import WorkingSetAdmission
-
-    for last_call in (0, 2000):
-        ws = WorkingSetAdmission(capacity_tokens=1000, keep_live=True, last_call_tokens=last_call)
-        ws.queued("a", 800)
-        assert ws.admits("a", 800, now=0.0)
-        ws.started("a", 800)
-        for sid in ("b", "c", "d"):
-            ws.queued(sid, 500)
-        # 800 live + 1,500 waiting outgrow 2,000; b alone outgrows the bound of 1,000
-        assert not any(ws.admits(sid, 500, now=1.0) for sid in ("b", "c", "d"))
-        ws.finished("d", 0, until=0.0)  # d's turn was dropped before it started
-        assert ws.admits("b", 500, now=1.0) is bool(last_call), "800 + 1,000 waiting fit in 2,000"
-        ws.finished("a", 900, until=5.0)
-        ws.expect("a", until=2.0)  # a is done: its tokens leave the live total
-        assert ws.admits("b", 500, now=3.0), "nothing is live"
-        ws.started("b", 500)
-        assert ws.admits("c", 500, now=3.0), "b's 500 and c's 500 fit in 1,000"
-        ws.started("c", 500)
-        assert ws.live_tokens(now=3.0) == 1000 and ws._pending_total == 0
-    with pytest.raises(ValueError):
-        WorkingSetAdmission(1000, last_call_tokens=-1)
 
 
 def test_a_session_away_past_its_tools_expected_time_resumes_at_its_place() -> None:

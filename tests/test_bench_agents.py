@@ -40,7 +40,8 @@ def test_pins_off_and_quiet_at_tool_each_take_away_one_use_of_the_tools_time(eng
         assert len(r["jct_s"]) == AGENTS  # every agent finished every turn
     # The floor: at least the chain of the agent with the longest tools (0.8 s of them), at
     # most what was measured.
-    assert 0.8 < ember["jct_bound_s"] <= ember["jct_mean_s"]
+    assert 0.8 < ember["jct_bound_s"] <= ember["jct_blind_bound_s"] + 1e-9
+    assert ember["jct_blind_bound_s"] <= ember["jct_mean_s"]
     tool_calls = AGENTS * (TURNS - 1)
     # pins_off: each tool call's pin lapses at the next step (unless reclaimed first).
     assert pins_off["pin_expiries"] + pins_off["pin_reclaims"] >= tool_calls
@@ -64,3 +65,7 @@ def test_the_jct_floor_pairs_the_shortest_chains_with_the_first_shares_of_work()
     assert jct_bound([5.0, 1.0, 9.0], 6.0, 0.0) == pytest.approx((2 + 5 + 9) / 3)  # sorted: 1, 5, 9
     assert jct_bound([1.0, 2.0, 3.0], 6.0, 1.0) == pytest.approx((1 + 3 + 5) / 3)  # less the latest start
     assert jct_bound([4.0, 4.0], 0.0, 0.0) == 4.0  # no work: the chains alone
+    # blind to the chains: each place holds each chain with chance 1/3
+    blind = (max(1, 2) + max(2, 2) + max(3, 2) + max(1, 4) + max(2, 4) + max(3, 4) + 6 * 3) / 9
+    assert jct_bound([3.0, 1.0, 2.0], 6.0, 0.0, blind=True) == pytest.approx(blind)
+    assert blind > jct_bound([3.0, 1.0, 2.0], 6.0, 0.0), "seeing the chains can only help"
