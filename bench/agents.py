@@ -32,7 +32,8 @@ Reports per configuration: job completion time (mean, p95), time to first token 
 return from a tool (p50, p95; also in decode steps: over the median time of the run's steps that
 carried no prefill; and in parts: noticed between steps, queued until admitted, computed until
 the first token), prompt tokens by tier and the hit ratio, bytes moved per tier, preemptions,
-and a floor under the mean job completion time for the run's own executing time (`jct_bound`).
+and a floor under the mean job completion time for the run's own executing time (`jct_bound`),
+with what it is made of (every agent's chain; the decode-only and mixed steps' executing time).
 With --profile S:E, an ember run of the largest agent count goes first and stops at E seconds:
 its steps from S to E are profiled on the GPU (bench/timeline.py: kernel time by kind, copies,
 each kind of step's wall against its kernel time), and the summary lands in the JSON's meta.
@@ -299,6 +300,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         "decode_step_s": decode_step,
         "jct_bound_s": jct_bound(chains, executing, args.stagger_s),
         "jct_blind_bound_s": jct_bound(chains, executing, args.stagger_s, blind=True),
+        # what the floors are made of, to recompute them for another amount of work
+        "chains_s": sorted(round(c, 4) for c in chains),
+        "executing_s": {"decode_only": sum(x[4] for x in trace if x[2] == 0),
+                        "mixed": sum(x[4] for x in trace if x[2] > 0)},
         "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
         "tool_ttft_parts_p50_s": {k: pct([p[i] for a in agents for p in a.ttft_parts], 0.5)
                                   for i, k in enumerate(("noticed", "queued", "computed"))},

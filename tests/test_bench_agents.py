@@ -42,6 +42,11 @@ def test_pins_off_and_quiet_at_tool_each_take_away_one_use_of_the_tools_time(eng
     # what was measured.
     assert 0.8 < ember["jct_bound_s"] <= ember["jct_blind_bound_s"] + 1e-9
     assert ember["jct_blind_bound_s"] <= ember["jct_mean_s"]
+    # ... and made of the chains and executing time the run reports
+    work = ember["executing_s"]["decode_only"] + ember["executing_s"]["mixed"]
+    assert work == pytest.approx(ember["time_in_steps_s"]["execute"])
+    assert ember["executing_s"]["mixed"] > 0 and ember["executing_s"]["decode_only"] > 0
+    assert jct_bound(ember["chains_s"], work, 0.6) == pytest.approx(ember["jct_bound_s"], abs=1e-3)
     tool_calls = AGENTS * (TURNS - 1)
     # pins_off: each tool call's pin lapses at the next step (unless reclaimed first).
     assert pins_off["pin_expiries"] + pins_off["pin_reclaims"] >= tool_calls
