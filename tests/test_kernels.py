@@ -86,7 +86,8 @@ def _prefill_cases():
             (dt, hd, h, kvh, 16)
             for dt, hd, (h, kvh) in itertools.product(DTYPES, [64, 128], [(32, 8), (9, 3)])
         ] + [(torch.bfloat16, 128, 16, 16, 32), (torch.bfloat16, 256, 8, 2, 16), (torch.float16, 128, 28, 4, 8)]
-    return [(torch.float16, 32, 4, 2, 4), (torch.float32, 16, 6, 3, 8)]
+    # (24 dims: a head narrower than its tile, whose unmasked key blocks still mask the dims)
+    return [(torch.float16, 32, 4, 2, 4), (torch.float32, 16, 6, 3, 8), (torch.float16, 24, 4, 2, 4)]
 
 
 @pytest.mark.parametrize("dtype,head_dim,heads,kv_heads,page", _prefill_cases())
@@ -96,7 +97,8 @@ def test_paged_prefill(dtype, head_dim, heads, kv_heads, page) -> None:
     if CUDA:
         shapes = [(0, 700), (1000, 300), (33, 1), (0, 1), (4000, 64), (rnd.randint(0, 500), rnd.randint(1, 900))]
     else:
-        shapes = [(0, 19), (13, 9), (5, 1), (0, 1), (rnd.randint(0, 20), rnd.randint(1, 12))]
+        # (40, 5): five unmasked key blocks before the causal one, each block's ids loaded ahead
+        shapes = [(0, 19), (13, 9), (5, 1), (0, 1), (40, 5), (rnd.randint(0, 20), rnd.randint(1, 12))]
     ctx = [p + n for p, n in shapes]
     kc, vc, table = _paged(ctx, page, kv_heads, head_dim, dtype, seed=heads + head_dim)
     qlens = [n for _, n in shapes]
