@@ -89,8 +89,9 @@ def _attend_tile(
     BLOCK_D); with CAUSAL, row i sees keys <= qpos[i]. EMPTY_ROWS: a row may have seen no key
     yet and see none here (a slice of the keys that starts past its position), which leaves its
     state at (-inf, 0, 0) instead of NaN. FULL: every key of the tile is < end, and EVEN_D: the
-    head fills BLOCK_D; each drops a mask, which lets Triton pipeline the loads (on an H200 a
-    tool return's unmasked keys ran ~25% faster without them)."""
+    head fills BLOCK_D; each drops a mask from the loads. Unmasked, with the block ids loaded a
+    tile ahead, Triton pipelines the K/V copies behind the math (on an H200 the extend kernel
+    took 9-15% less time in every shape measured)."""
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < end
     row = n % PAGE
@@ -387,8 +388,8 @@ def prefill_block_m(dtype: torch.dtype, head_dim: int) -> int:
 def prefill_stages(dtype: torch.dtype, head_dim: int) -> int:
     """Software-pipeline stages of the extend kernel's key loop: three keep two tiles' K/V copies
     in flight behind the math where they fit in shared memory (16-bit, up to 128 dims: on an
-    H200 a 300-token tool return over 4k keys ran ~10% faster than at two, its block ids loaded
-    a tile ahead), else two."""
+    H200 a 300-token tool return over 4k keys took 12% less time than at two, its block ids
+    loaded a tile ahead), else two."""
     return 3 if dtype != torch.float32 and head_dim <= 128 else 2
 
 
