@@ -78,6 +78,20 @@ def _tile_blocks(table, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _load_keys(ptr, nmask, dmask, FULL: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of K or V, zero where masked; FULL: every row valid, EVEN_D:
+    every column (each such mask is left out of the load)."""
+    if FULL and EVEN_D:
+        return tl.load(ptr)
+    elif FULL:
+        return tl.load(ptr, mask=dmask[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptr, mask=nmask[:, None], other=0.0)
+    else:
+        return tl.load(ptr, mask=nmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_tile(
     q, m, l, acc, K, V, blk, n0, end, qpos, kvh, d, dmask,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
@@ -97,14 +111,7 @@ def _attend_tile(
     row = n % PAGE
     k_ptr = K + (blk * stride_kb + row * stride_kt + kvh * stride_kh)[:, None] + d[None, :]
     v_ptr = V + (blk * stride_vb + row * stride_vt + kvh * stride_vh)[:, None] + d[None, :]
-    if FULL and EVEN_D:
-        k = tl.load(k_ptr)  # (BLOCK_N, BLOCK_D)
-    elif FULL:
-        k = tl.load(k_ptr, mask=dmask[None, :], other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptr, mask=nmask[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptr, mask=nmask[:, None] & dmask[None, :], other=0.0)
+    k = _load_keys(k_ptr, nmask, dmask, FULL, EVEN_D)  # (BLOCK_N, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (ROWS, BLOCK_N)
     if CAUSAL:
         s = tl.where(nmask[None, :] & (n[None, :] <= qpos[:, None]), s, float("-inf"))
@@ -118,14 +125,7 @@ def _attend_tile(
     alpha = tl.exp2(m - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l = l * alpha + tl.sum(p, 1)
-    if FULL and EVEN_D:
-        v = tl.load(v_ptr)
-    elif FULL:
-        v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
-    elif EVEN_D:
-        v = tl.load(v_ptr, mask=nmask[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptr, mask=nmask[:, None] & dmask[None, :], other=0.0)
+    v = _load_keys(v_ptr, nmask, dmask, FULL, EVEN_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
