@@ -290,7 +290,10 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         buckets.setdefault(b, []).append(sum(x[3:6]))
     tiers = engine.scheduler.stats.prompt_tokens_by_tier
     prompt = sum(tiers.values())
-    executing = sum(x[4] for x in trace)
+    # the card's executing time, by kind of step (decode-only steps carry no prompt tokens)
+    executing_by = {"decode_only": sum(x[4] for x in trace if x[2] == 0),
+                    "mixed": sum(x[4] for x in trace if x[2] > 0)}
+    executing = sum(executing_by.values())
     # An agent's own chain: its tool calls, and its replies decoded at the run's decode-only step.
     chains = [sum(tools[a.idx]) + args.turns * args.decode_tokens * decode_step for a in agents]
     mv = engine.mover
@@ -302,8 +305,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         "jct_blind_bound_s": jct_bound(chains, executing, args.stagger_s, blind=True),
         # what the floors are made of, to recompute them for another amount of work
         "chains_s": sorted(round(c, 4) for c in chains),
-        "executing_s": {"decode_only": sum(x[4] for x in trace if x[2] == 0),
-                        "mixed": sum(x[4] for x in trace if x[2] > 0)},
+        "executing_s": executing_by,
         "tool_ttft_p50_steps": pct(ttft, 0.5) / decode_step, "tool_ttft_p95_steps": pct(ttft, 0.95) / decode_step,
         "tool_ttft_parts_p50_s": {k: pct([p[i] for a in agents for p in a.ttft_parts], 0.5)
                                   for i, k in enumerate(("noticed", "queued", "computed"))},
@@ -316,7 +318,7 @@ def run(engine: LLMEngine, name: str, args: argparse.Namespace,
         "pin_reclaims": engine.scheduler.stats.num_pin_reclaims,
         "turn_steps_held": engine.scheduler.admission.num_held if engine.scheduler.admission else 0,
         "pin_expiries": engine.kv_manager.num_pin_expiries, "steps": num_steps, "wall_s": wall,
-        "time_in_steps_s": {"schedule": sum(x[3] for x in trace), "execute": sum(x[4] for x in trace),
+        "time_in_steps_s": {"schedule": sum(x[3] for x in trace), "execute": executing,
                             "update": sum(x[5] for x in trace)},
         "steps_by_prefill_tokens": {b: {"steps": len(v), "median_ms": statistics.median(v) * 1e3}
                                     for b, v in sorted(buckets.items())},
